@@ -1,0 +1,146 @@
+"""FitConfig: every knob of a training run, its default and what it means.
+
+Each field is one command-line flag (``latent_dim`` -> ``--latent-dim``); the help text
+lives in the field's metadata, so the parser in :mod:`pyro_vae.fit` is generated from
+this one table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pyro_vae.errors import ConfigError
+
+__all__ = ["FitConfig", "resolve_device"]
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - argparse's word
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """A resolved training run; ``config.json`` in a run directory is this, as JSON."""
+
+    # data
+    dataset: str = _f("digits", "dataset name")
+    data_dir: str = _f(
+        "data", "folder for torchvision datasets (download or IDX files)"
+    )
+    data_path: str | None = _f(None, ".npz file with x_train, x_test for --dataset npz")
+    download: bool = _f(True, "let torchvision download missing files")
+    valid_fraction: float = _f(
+        0.1, "share of the training data held out for validation"
+    )
+    binarize: str = _f(
+        "auto",
+        "dynamic: fresh Bernoulli draw per batch; static: one fixed draw; none; "
+        "auto: dynamic for the Bernoulli likelihood, none otherwise",
+    )
+    # model p(z) p(x|z) and guide q(z|x)
+    prior: str = _f("normal", "prior p(z)")
+    likelihood: str = _f("bernoulli", "likelihood p(x|z)")
+    sigma: float = _f(1.0, "Gaussian noise sd (fixed), or its initial value (learned)")
+    sigma_floor: float = _f(1e-3, "smallest sd a learned Gaussian likelihood may reach")
+    guide: str = _f("diagonal", "guide q(z|x)")
+    latent_dim: int = _f(10, "size of z")
+    hidden: tuple[int, ...] = _f((400,), "hidden widths of encoder and decoder MLPs")
+    activation: str = _f("relu", "activation of the MLPs")
+    # optimization
+    epochs: int = _f(50, "passes over the training data")
+    batch_size: int = _f(100, "data per step (AEVB's M = 100)")
+    lr: float = _f(1e-3, "Adam learning rate")
+    elbo: str = _f("trace", "trace: Trace_ELBO; meanfield: TraceMeanField_ELBO")
+    num_particles: int = _f(1, "z samples per datum per step, vectorized")
+    # run
+    device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:I")
+    seed: int = _f(0, "seeds torch, numpy and python")
+    out: str | None = _f(None, "run directory; default runs/<dataset>-<timestamp>")
+    quiet: bool = _f(False, "no progress bar and no summary table")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.latent_dim >= 1, f"--latent-dim must be >= 1, got {self.latent_dim}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (
+                self.lr > 0 and math.isfinite(self.lr),
+                f"--lr must be a positive finite number, got {self.lr}",
+            ),
+            (
+                self.num_particles >= 1,
+                f"--num-particles must be >= 1, got {self.num_particles}",
+            ),
+            (
+                0 < self.valid_fraction < 1,
+                f"--valid-fraction must lie in (0, 1), got {self.valid_fraction}",
+            ),
+            (
+                all(w >= 1 for w in self.hidden),
+                f"--hidden widths must be positive, got {self.hidden}",
+            ),
+            (
+                self.sigma > 0 and math.isfinite(self.sigma),
+                f"--sigma must be positive, got {self.sigma}",
+            ),
+            (
+                self.elbo in ("trace", "meanfield"),
+                f"--elbo must be trace or meanfield, got {self.elbo!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def resolved_binarize(self) -> str:
+        """What ``binarize="auto"`` means for this likelihood."""
+        if self.binarize != "auto":
+            return self.binarize
+        return "dynamic" if self.likelihood == "bernoulli" else "none"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FitConfig:
+        """Rebuild a config saved by :meth:`to_json` (lists become tuples)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+        values = dict(values)
+        if "hidden" in values:
+            values["hidden"] = tuple(values["hidden"])
+        return cls(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:I`` into a device that exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"unknown device {name!r}; use auto, cpu, cuda or cuda:I"
+        ) from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {name} asks for CUDA, but torch sees no CUDA GPU here; use "
+            "--device cpu (or auto, which picks CUDA only when it is there)"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices"
+        )
+    return device

@@ -1,0 +1,174 @@
+"""The files of a run directory, and the summary printed at the end of a run.
+
+* ``config.json``: the resolved :class:`FitConfig`, enough to re-run;
+* ``history.csv``: epoch, train_elbo, valid_elbo, seconds (ELBO in nats per datum);
+* ``metrics.json``: final ELBOs per split, wall time, device, package versions;
+* ``checkpoint.pt``: model, guide and optimizer state plus the config, atomic;
+* ``figures/``: ``reconstructions.png``, ``samples.png``, ``elbo.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyro_vae import plots
+from pyro_vae.checkpoint import save_checkpoint as _atomic_save
+from pyro_vae.config import FitConfig
+from pyro_vae.data import BINARIZE_SEED, Splits
+from pyro_vae.generate import reconstruct, sample_prior
+from pyro_vae.train import EpochStats
+
+__all__ = [
+    "append_history",
+    "create",
+    "package_versions",
+    "save_checkpoint",
+    "save_figures",
+    "save_metrics",
+    "summary",
+]
+
+HISTORY_FIELDS = [f.name for f in fields(EpochStats)]
+N_PICTURES = 32
+
+
+def create(cfg: FitConfig) -> Path:
+    """Make the run directory, write ``config.json`` and an empty ``history.csv``."""
+    out = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json() + "\n")
+    with open(out / "history.csv", "w", newline="") as f:
+        csv.writer(f).writerow(HISTORY_FIELDS)
+    return out
+
+
+def append_history(out: Path, stats: EpochStats) -> None:
+    """Add one epoch's row, flushed, so a crash keeps every finished epoch."""
+    with open(out / "history.csv", "a", newline="") as f:
+        csv.writer(f).writerow([getattr(stats, name) for name in HISTORY_FIELDS])
+
+
+def save_checkpoint(
+    out: Path,
+    cfg: FitConfig,
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+) -> Path:
+    """Write ``checkpoint.pt`` atomically (see :mod:`pyro_vae.checkpoint`)."""
+    payload = {
+        "model": model.state_dict(),
+        "guide": guide.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": asdict(cfg),
+        "epoch": epoch,
+        "versions": package_versions(),
+    }
+    return _atomic_save(payload, out / "checkpoint.pt")
+
+
+def save_figures(
+    out: Path,
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    splits: Splits,
+    history: list[EpochStats],
+) -> None:
+    """Reconstructions of test data, prior samples and the ELBO curve."""
+    x = splits.test[:N_PICTURES]
+    figures = out / "figures"
+    plots.plot_reconstructions(
+        x,
+        reconstruct(model, guide, x),
+        splits.image_shape,
+        figures / "reconstructions.png",
+    )
+    plots.plot_samples(
+        sample_prior(model, x), splits.image_shape, figures / "samples.png"
+    )
+    plots.plot_elbo(
+        [h.epoch for h in history],
+        [h.train_elbo for h in history],
+        [h.valid_elbo for h in history],
+        figures / "elbo.png",
+    )
+
+
+def save_metrics(
+    out: Path,
+    cfg: FitConfig,
+    final_elbo: dict[str, float],
+    splits: Splits,
+    device: torch.device,
+    binarize: str,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """Write ``metrics.json`` and return what it holds."""
+    estimator = "TraceMeanField_ELBO" if cfg.elbo == "meanfield" else "Trace_ELBO"
+    metrics = {
+        **{f"{split}_elbo": value for split, value in final_elbo.items()},
+        "units": "nats per datum; ELBO, higher is better (Pyro's loss is -ELBO)",
+        "estimator": f"{estimator}, {cfg.num_particles} particle(s) per datum",
+        "binarization": _binarization_note(binarize),
+        "n_train": len(splits.train),
+        "n_valid": len(splits.valid),
+        "n_test": len(splits.test),
+        "epochs": cfg.epochs,
+        "wall_seconds": wall_seconds,
+        "device": str(device),
+        "versions": package_versions(),
+    }
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, out / "metrics.json")
+    return metrics
+
+
+def _binarization_note(binarize: str) -> str:
+    return {
+        "dynamic": "dynamic: a fresh Bernoulli draw per training batch; validation "
+        f"and test binarized once with seed {BINARIZE_SEED}; the final train ELBO "
+        "uses one more draw",
+        "static": f"static: every split binarized once with seed {BINARIZE_SEED}",
+        "none": "none: intensities in [0, 1] as loaded",
+    }[binarize]
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of python and of the packages that decide the numbers."""
+    versions = {"python": platform.python_version()}
+    for name in ("pyro_vae", "pyro-ppl", "torch", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def summary(cfg: FitConfig, metrics: dict[str, Any], out: Path) -> str:
+    """The table ``fit`` prints at the end of a run."""
+    lines = [
+        f"pyro_vae: {cfg.dataset}, {cfg.likelihood} likelihood, {cfg.prior} prior, "
+        f"{cfg.guide} guide, latent {cfg.latent_dim}, {cfg.epochs} epochs, "
+        f"{metrics['wall_seconds']:.1f} s on {metrics['device']}",
+        f"estimator: {metrics['estimator']}; binarization: {metrics['binarization']}",
+        "",
+        f"{'split':<7}{'n':>8}  ELBO (nats per datum, higher is better)",
+    ]
+    for split in ("train", "valid", "test"):
+        lines.append(
+            f"{split:<7}{metrics['n_' + split]:>8}  {metrics[split + '_elbo']:10.3f}"
+        )
+    lines += ["", f"run directory: {out}"]
+    return "\n".join(lines)

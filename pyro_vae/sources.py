@@ -1,0 +1,214 @@
+"""Where data come from: scikit-learn's digits, torchvision's MNIST family, .npz files.
+
+``load_dataset`` returns :class:`pyro_vae.data.Splits` in [0, 1], before any
+binarization. The MNIST family goes through torchvision's own dataset classes: they
+download into ``data_dir`` when online, and a folder that already holds the original
+``*-idx?-ubyte.gz`` files (flat, or in torchvision's ``<Class>/raw`` layout) works with
+no network. The Debian package ``dataset-fashion-mnist`` puts such files in
+``/usr/share/datasets/fashion-mnist``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_vae.data import Splits, check_images, split_train_valid
+from pyro_vae.errors import DataError
+
+__all__ = ["DATASETS", "IDX_FILES", "load_dataset"]
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "kmnist", "npz")
+DIGITS_TEST_SIZE = (
+    360  # about 20% of scikit-learn's 1797 digits, held out with SPLIT_SEED
+)
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_TORCHVISION_CLASSES = {
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
+}
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | os.PathLike = "data",
+    data_path: str | os.PathLike | None = None,
+    valid_fraction: float = 0.1,
+    download: bool = True,
+) -> Splits:
+    """Load a dataset by name and split it into train, validation and test.
+
+    Args:
+        name: one of :data:`DATASETS`.
+        data_dir: where torchvision datasets are looked for and downloaded to.
+        data_path: the ``.npz`` file for ``name="npz"``; it holds ``x_train`` and
+            ``x_test``, and optionally ``y_train`` and ``y_test``.
+        valid_fraction: the share of the training data held out for validation.
+        download: let torchvision download missing files.
+    """
+    if name == "digits":
+        x_train, y_train, x_test, y_test = _digits()
+    elif name in _TORCHVISION_CLASSES:
+        x_train, y_train, x_test, y_test = _torchvision(name, Path(data_dir), download)
+    elif name == "npz":
+        x_train, y_train, x_test, y_test = _npz(data_path)
+    else:
+        raise DataError(
+            f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}"
+        )
+    train, shape = check_images(x_train, f"{name} training data")
+    test, test_shape = check_images(x_test, f"{name} test data")
+    if test_shape != shape:
+        raise DataError(
+            f"{name}: training data have datum shape {shape} but test data {test_shape}"
+        )
+    y_train, y_test = (
+        _labels(y_train, len(train), name),
+        _labels(y_test, len(test), name),
+    )
+    train, valid, y_train, y_valid = split_train_valid(train, y_train, valid_fraction)
+    return Splits(train, valid, test, shape, y_train, y_valid, y_test)
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)  # grey levels 0..16
+    perm = np.random.default_rng(0).permutation(len(x))
+    test, train = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:]
+    return x[train], bunch.target[train], x[test], bunch.target[test]
+
+
+def _labels(y: object, n: int, name: str) -> torch.Tensor | None:
+    if y is None:
+        return None
+    y = torch.as_tensor(np.asarray(y)).reshape(-1)
+    if len(y) != n:
+        raise DataError(
+            f"{name}: {len(y)} labels for {n} data; give one label per datum"
+        )
+    return y
+
+
+def _npz(path: str | os.PathLike | None) -> tuple:
+    if path is None:
+        raise DataError(
+            "--dataset npz needs --data-path FILE.npz (with x_train, x_test)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in f.files}
+    except FileNotFoundError:
+        raise DataError(f"--data-path {path}: no such file") from None
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"--data-path {path} is not a readable .npz file: {err}"
+        ) from None
+    missing = {"x_train", "x_test"} - set(arrays)
+    if missing:
+        raise DataError(
+            f"{path} lacks {sorted(missing)}; it holds {sorted(arrays)}. Save it with "
+            "np.savez(path, x_train=..., x_test=..., y_train=..., y_test=...)."
+        )
+    return (
+        arrays["x_train"],
+        arrays.get("y_train"),
+        arrays["x_test"],
+        arrays.get("y_test"),
+    )
+
+
+def _torchvision(name: str, data_dir: Path, download: bool) -> tuple:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, _TORCHVISION_CLASSES[name])
+    root = _stage_idx_files(cls.__name__, data_dir)
+    if root is None:
+        root = data_dir
+        if not download:
+            raise DataError(_missing_files_message(name, cls.__name__, data_dir))
+        try:
+            cls(root=str(root), train=True, download=True)
+        except Exception as err:  # offline: URLError, RuntimeError, OSError
+            raise DataError(
+                _missing_files_message(name, cls.__name__, data_dir)
+                + f"\nThe download failed: {str(err).splitlines()[0]}"
+            ) from None
+    try:
+        train = cls(root=str(root), train=True, download=False)
+        test = cls(root=str(root), train=False, download=False)
+    except (AssertionError, RuntimeError, OSError, ValueError) as err:
+        raise DataError(
+            f"{name}: the IDX files under {root / cls.__name__ / 'raw'} are not "
+            f"readable ({type(err).__name__}: {err}); delete them and fetch the "
+            "originals again."
+        ) from None
+    return (
+        train.data.numpy(),
+        train.targets.numpy(),
+        test.data.numpy(),
+        test.targets.numpy(),
+    )
+
+
+def _stage_idx_files(class_name: str, data_dir: Path) -> Path | None:
+    """Find the four IDX files and lay them out as torchvision expects.
+
+    Returns the root to hand torchvision (``root/<class_name>/raw/<file>``), or None
+    when some file is missing. Files found elsewhere are unpacked into a per-user
+    cache keyed by their folder, so a system folder (a Debian package) is never
+    written to.
+    """
+    native = data_dir / class_name / "raw"
+    if all((native / f).is_file() for f in IDX_FILES):
+        return data_dir
+    found = {}
+    for f in IDX_FILES:
+        candidates = [native / f"{f}.gz", data_dir / f, data_dir / f"{f}.gz"]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None:
+            return None
+        found[f] = hit
+    key = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
+    root = _cache_dir() / f"{class_name.lower()}-{key}"
+    raw = root / class_name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for f, src in found.items():
+        dest = raw / f
+        if dest.is_file():
+            continue
+        tmp = raw / f"{f}.partial"
+        opener = gzip.open if src.suffix == ".gz" else open
+        with opener(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(tmp, dest)  # a half-unpacked file never carries the final name
+    return root
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pyro_vae"
+
+
+def _missing_files_message(name: str, class_name: str, data_dir: Path) -> str:
+    files = ", ".join(f"{f}.gz" for f in IDX_FILES)
+    return (
+        f"{name}: the data files are not in {data_dir}. Put the original files "
+        f"({files}) in {data_dir} or in {data_dir / class_name / 'raw'}, or run once "
+        f"with network access so torchvision downloads them there (--data-dir sets "
+        f"the folder)."
+    )

@@ -1,0 +1,155 @@
+r"""Stochastic variational inference for any (model, guide) pair.
+
+Training maximizes the ELBO (Kingma & Welling, 2014, eq. 3),
+
+.. math::
+    \mathcal{L}(x) = E_{q(z|x)}[\log p(x, z) - \log q(z \mid x)] \le \log p(x),
+
+by minimizing Pyro's loss, ``-ELBO`` summed over the batch, divided by the batch size:
+one torch optimizer over ``elbo(model, guide)``, no global parameter store.
+
+**Sign and units.** Every number this module returns is the ELBO itself (higher is
+better) in nats per datum: the sum of per-datum ELBOs over a split, divided by its size.
+Pyro's ``loss`` is the negative of that sum. ``Trace_ELBO`` estimates the expectation
+with ``num_particles`` reparameterized draws; ``TraceMeanField_ELBO`` uses the analytic
+KL(q(z|x) || p(z)) where one is registered.
+
+This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from tqdm.auto import tqdm
+
+from pyro_vae.data import batches
+from pyro_vae.errors import PyroVAEError
+
+__all__ = [
+    "ELBOS",
+    "EpochStats",
+    "NonFiniteLossError",
+    "dataset_elbo",
+    "make_elbo",
+    "train",
+]
+
+ELBOS: dict[str, type[ELBO]] = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+
+
+class NonFiniteLossError(PyroVAEError):
+    """The loss became NaN or infinite; no optimizer step was taken on it."""
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """One row of ``history.csv``: ELBOs in nats per datum (higher is better)."""
+
+    epoch: int
+    train_elbo: float
+    valid_elbo: float
+    seconds: float
+
+
+def make_elbo(name: str, num_particles: int = 1) -> ELBO:
+    """``Trace_ELBO`` or ``TraceMeanField_ELBO``; particles are vectorized."""
+    return ELBOS[name](
+        num_particles=num_particles, vectorize_particles=num_particles > 1
+    )
+
+
+@torch.no_grad()
+def dataset_elbo(loss_fn: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float:
+    """Mean ELBO per datum over ``x``: ``-sum(loss over batches) / len(x)``."""
+    total = torch.zeros((), device=x.device, dtype=torch.float64)
+    for batch in batches(x, batch_size, shuffle=False):
+        total += loss_fn(batch).double()
+    return -total.item() / len(x)
+
+
+def train(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    train_x: torch.Tensor,
+    valid_x: torch.Tensor,
+    *,
+    elbo: ELBO,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    dynamic_binarization: bool = False,
+    progress: bool = False,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> tuple[list[EpochStats], torch.optim.Optimizer]:
+    """Train ``model`` and ``guide`` by SVI with Adam.
+
+    Args:
+        model, guide: Pyro programs taking one batch ``(B, D)``; see
+            :mod:`pyro_vae.models.vae` for the contract.
+        train_x, valid_x: data on the training device, ``(N, D)``.
+        elbo: the estimator, e.g. :func:`make_elbo`.
+        epochs, batch_size, lr: the schedule; batches are shuffled indices.
+        dynamic_binarization: draw each training batch as Bernoulli(train_x[idx]).
+        progress: show a tqdm bar over epochs.
+        on_epoch: called with each epoch's stats (e.g. to write history).
+
+    Returns:
+        The per-epoch history and the optimizer (its state, for checkpoints).
+
+    Raises:
+        NonFiniteLossError: when a loss is NaN or inf; the step is not taken.
+    """
+    loss_fn = elbo(model, guide)
+    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
+    history: list[EpochStats] = []
+    bar = tqdm(
+        range(1, epochs + 1), disable=not progress, unit="epoch", file=sys.stderr
+    )
+    step = 0
+    for epoch in bar:
+        start = time.perf_counter()
+        total = torch.zeros((), device=train_x.device, dtype=torch.float64)
+        model.train(), guide.train()
+        for x in batches(
+            train_x, batch_size, shuffle=True, dynamic=dynamic_binarization
+        ):
+            step += 1
+            loss = loss_fn(x)
+            _check_finite(loss, epoch, step, history)
+            optimizer.zero_grad(set_to_none=True)
+            (loss / len(x)).backward()
+            optimizer.step()
+            total += loss.detach().double()
+        model.eval(), guide.eval()
+        stats = EpochStats(
+            epoch=epoch,
+            train_elbo=-total.item() / len(train_x),
+            valid_elbo=dataset_elbo(loss_fn, valid_x, batch_size),
+            seconds=time.perf_counter() - start,
+        )
+        history.append(stats)
+        bar.set_postfix(
+            train_elbo=f"{stats.train_elbo:.2f}", valid=f"{stats.valid_elbo:.2f}"
+        )
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history, optimizer
+
+
+def _check_finite(
+    loss: torch.Tensor, epoch: int, step: int, history: list[EpochStats]
+) -> None:
+    if torch.isfinite(loss):
+        return
+    last = f"{history[-1].train_elbo:.4f}" if history else "none (first epoch)"
+    raise NonFiniteLossError(
+        f"the loss is {loss.item()} at epoch {epoch}, step {step}; no step was taken "
+        f"on it. Last finite train ELBO per datum: {last}. Lower --lr, or check the "
+        "data and the likelihood's scale floor."
+    )
