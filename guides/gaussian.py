@@ -37,6 +37,8 @@ class DiagonalNormalGuide(PyroModule):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        if not scale_floor > 0:
+            raise ValueError(f"scale_floor must be positive, got {scale_floor}")
         self.encoder = encoder
         self.latent_dim = latent_dim
         self.scale_floor = scale_floor

@@ -99,14 +99,16 @@ class LearnedGaussianLikelihood(AbstractLikelihood):
 
     def __init__(self, init_sigma: float = 1.0, floor: float = 1e-3) -> None:
         super().__init__()
-        if not (0 < floor < init_sigma):
+        if not (0 < floor < init_sigma < math.inf):
             raise ValueError(
                 f"need 0 < sigma floor < initial sigma, got floor={floor}, "
                 f"init_sigma={init_sigma}"
             )
         self.floor = float(floor)
-        # Invert softplus so that sigma starts at init_sigma exactly.
-        rho = math.log(math.expm1(init_sigma - floor))
+        # Invert softplus so that sigma starts at init_sigma exactly; this form of
+        # log(expm1(y)) does not overflow for large y.
+        y = init_sigma - floor
+        rho = y + math.log(-math.expm1(-y))
         self.rho = nn.Parameter(torch.tensor(rho))
 
     @property

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 parser.add_argument(flag, action="store_true", help=help_text)
             continue
-        kind = {tuple: parse_hidden}.get(type(f.default), type(f.default))
+        kind = {tuple: _hidden}.get(type(f.default), type(f.default))
         parser.add_argument(
             flag,
             dest=f.name,
@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
         )
     return parser
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        return parse_hidden(text)
+    except ValueError as err:  # argparse shows only ArgumentTypeError's own words
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FitConfig:

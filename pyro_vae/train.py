@@ -115,7 +115,7 @@ def train(
     for epoch in bar:
         start = time.perf_counter()
         total = torch.zeros((), device=train_x.device, dtype=torch.float64)
-        model.train(), guide.train()
+        loss_fn.train()  # train mode for every network in the model and guide
         for x in batches(
             train_x, batch_size, shuffle=True, dynamic=dynamic_binarization
         ):
@@ -126,7 +126,7 @@ def train(
             (loss / len(x)).backward()
             optimizer.step()
             total += loss.detach().double()
-        model.eval(), guide.eval()
+        loss_fn.eval()
         stats = EpochStats(
             epoch=epoch,
             train_elbo=-total.item() / len(train_x),
