@@ -80,7 +80,17 @@ def check_images(
     Returns:
         The flattened float32 tensor and the per-datum shape.
     """
-    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":  # bool, int, uint, float
+            raise DataError(
+                f"{what} has dtype {x.dtype}; give an array of numbers (float in "
+                "[0, 1] or 8-bit integers)."
+            )
+    try:
+        t = torch.as_tensor(x)
+    except TypeError as err:  # e.g. uint32 in older torch
+        raise DataError(f"{what}: cannot convert to a tensor ({err})") from None
     if t.ndim not in (2, 3, 4):
         raise DataError(
             f"{what} has shape {tuple(t.shape)}; expected (N, D), (N, H, W) or "
@@ -92,7 +102,10 @@ def check_images(
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
     if not (t.is_floating_point() or t.dtype in _INTEGER_DTYPES):
-        raise DataError(f"{what} has dtype {t.dtype}; give real or integer data.")
+        raise DataError(
+            f"{what} has dtype {t.dtype}, which is not supported; convert it to "
+            "uint8 (8-bit intensities) or to floats in [0, 1]."
+        )
     if t.is_floating_point():
         _check_finite(t, what)
     t = _scale_to_unit(t, what)
@@ -125,7 +138,8 @@ def _scale_to_unit(t: torch.Tensor, what: str) -> torch.Tensor:
             "[0, 255] or 0/1 values. Rescale to floats in [0, 1] first."
         )
     if lo < 0 or hi > 1:
-        hint = " (it looks like 8-bit data: divide by 255)" if hi <= 255 else ""
+        looks_8bit = lo >= 0 and hi <= 255
+        hint = " (it looks like 8-bit data: divide by 255)" if looks_8bit else ""
         raise DataError(
             f"{what} has values in [{lo:.4g}, {hi:.4g}], outside [0, 1]{hint}. "
             "Scale the data to [0, 1] before training."

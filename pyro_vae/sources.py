@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def _labels(y: object, n: int, name: str) -> torch.Tensor | None:
     if y is None:
         return None
-    y = torch.as_tensor(np.asarray(y)).reshape(-1)
+    y = np.asarray(y)
+    if y.dtype.kind not in "biu":
+        raise DataError(
+            f"{name}: labels have dtype {y.dtype}; give integer class labels "
+            "(e.g. np.unique(y, return_inverse=True)[1])"
+        )
+    y = torch.as_tensor(y).reshape(-1)
     if len(y) != n:
         raise DataError(
             f"{name}: {len(y)} labels for {n} data; give one label per datum"
@@ -110,13 +117,14 @@ def _npz(path: str | os.PathLike | None) -> tuple:
             "--dataset npz needs --data-path FILE.npz (with x_train, x_test)"
         )
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             arrays = {key: f[key] for key in f.files}
     except FileNotFoundError:
         raise DataError(f"--data-path {path}: no such file") from None
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(
-            f"--data-path {path} is not a readable .npz file: {err}"
+            f"--data-path {path} is not a readable .npz file ({type(err).__name__}); "
+            "it may be truncated or corrupt. Write it again with np.savez."
         ) from None
     missing = {"x_train", "x_test"} - set(arrays)
     if missing:
@@ -151,11 +159,11 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> tuple:
     try:
         train = cls(root=str(root), train=True, download=False)
         test = cls(root=str(root), train=False, download=False)
-    except (AssertionError, RuntimeError, OSError, ValueError) as err:
+    except (AssertionError, RuntimeError, OSError, ValueError, TypeError) as err:
         raise DataError(
-            f"{name}: the IDX files under {root / cls.__name__ / 'raw'} are not "
-            f"readable ({type(err).__name__}: {err}); delete them and fetch the "
-            "originals again."
+            f"{name}: the IDX files in {data_dir} (unpacked to "
+            f"{root / cls.__name__ / 'raw'}) are not valid ({type(err).__name__}: "
+            f"{err}); replace them with the original files."
         ) from None
     return (
         train.data.numpy(),
@@ -188,15 +196,30 @@ def _stage_idx_files(class_name: str, data_dir: Path) -> Path | None:
     raw = root / class_name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for f, src in found.items():
-        dest = raw / f
-        if dest.is_file():
-            continue
-        tmp = raw / f"{f}.partial"
-        opener = gzip.open if src.suffix == ".gz" else open
+        _unpack(src, raw / f)
+    return root
+
+
+def _unpack(src: Path, dest: Path) -> None:
+    """Copy or gunzip ``src`` to ``dest`` unless ``dest`` came from this very file."""
+    stat = src.stat()
+    stamp = f"{src.resolve()} {stat.st_size} {stat.st_mtime_ns}\n"
+    stamp_file = dest.with_name(dest.name + ".source")
+    if dest.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return
+    tmp = dest.with_name(dest.name + ".partial")
+    opener = gzip.open if src.suffix == ".gz" else open
+    try:
         with opener(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
-        os.replace(tmp, dest)  # a half-unpacked file never carries the final name
-    return root
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"{src} cannot be unpacked ({type(err).__name__}: {err}); it is "
+            "truncated or not gzip data. Replace it with the original file."
+        ) from None
+    os.replace(tmp, dest)  # a half-unpacked file never carries the final name
+    stamp_file.write_text(stamp)
 
 
 def _cache_dir() -> Path:

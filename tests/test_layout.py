@@ -8,9 +8,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import pyro_vae.guides
 import pyro_vae.models
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 THIRD_PARTY_OK_IN_PARTS = {"torch", "pyro"}

@@ -19,6 +19,8 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
+from torch.nn import functional as F
+
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import (
     DECODERS,
@@ -30,7 +32,6 @@ from pyro_vae.models import (
     LearnedGaussianLikelihood,
     StandardNormalPrior,
 )
-from torch.nn import functional as F
 
 D, d, N = 12, 3, 5
 HIDDEN = (16,)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
 from pyro_vae.models import LinearGaussian, PosteriorGuide
 
 D, d, N = 5, 2, 4
