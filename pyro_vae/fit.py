@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from tqdm.auto import tqdm
 
 from pyro_vae import rundir
 from pyro_vae.build import build_model_and_guide
@@ -30,7 +31,7 @@ from pyro_vae.guides import GUIDES
 from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
 from pyro_vae.sources import DATASETS, load_dataset
-from pyro_vae.train import ELBOS, dataset_elbo, make_elbo, train
+from pyro_vae.train import ELBOS, EpochStats, dataset_elbo, make_elbo, train
 
 __all__ = ["build_parser", "main", "parse_args", "run"]
 
@@ -132,7 +133,7 @@ def run(cfg: FitConfig) -> Path:
         lr=cfg.lr,
         dynamic_binarization=binarize == "dynamic",
         progress=not cfg.quiet and sys.stderr.isatty(),
-        on_epoch=lambda stats: rundir.append_history(out, stats),
+        on_epoch=lambda stats: _report_epoch(out, stats, cfg),
     )
     loss_fn = elbo(model, guide)
     train_x = torch.bernoulli(splits.train) if binarize == "dynamic" else splits.train
@@ -152,6 +153,15 @@ def run(cfg: FitConfig) -> Path:
     if not cfg.quiet:
         print(rundir.summary(cfg, metrics, out))
     return out
+
+
+def _report_epoch(out: Path, stats: EpochStats, cfg: FitConfig) -> None:
+    rundir.append_history(out, stats)
+    if not cfg.quiet:
+        tqdm.write(
+            f"epoch {stats.epoch:>4}/{cfg.epochs}  ELBO (nats per datum, higher is "
+            f"better): train {stats.train_elbo:9.3f}  valid {stats.valid_elbo:9.3f}"
+        )
 
 
 def _check_support(likelihood: object, splits: Splits, binarize: str) -> None:
