@@ -58,6 +58,10 @@ class FitConfig:
     lr: float = _f(1e-3, "Adam learning rate")
     elbo: str = _f("trace", "trace: Trace_ELBO; meanfield: TraceMeanField_ELBO")
     num_particles: int = _f(1, "z samples per datum per step, vectorized")
+    # evaluation
+    eval_k: int = _f(
+        1000, "importance samples per datum for the final test log p(x); 0 skips it"
+    )
     # run
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:I")
     seed: int = _f(0, "seeds torch, numpy and python")
@@ -68,6 +72,7 @@ class FitConfig:
         checks = [
             (self.latent_dim >= 1, f"--latent-dim must be >= 1, got {self.latent_dim}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.eval_k >= 0, f"--eval-k must be >= 0 (0 skips), got {self.eval_k}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (
                 self.lr > 0 and math.isfinite(self.lr),

@@ -31,6 +31,7 @@ __all__ = [
     "batches",
     "binarize_splits",
     "check_images",
+    "evaluation_split",
     "split_train_valid",
 ]
 
@@ -189,6 +190,21 @@ def binarize_splits(splits: Splits, binarize: str) -> Splits:
     return replace(
         splits, train=train, valid=draw(splits.valid), test=draw(splits.test)
     )
+
+
+def evaluation_split(splits: Splits, split: str, binarize: str) -> torch.Tensor:
+    """The data of ``split`` as they are scored after :func:`binarize_splits`.
+
+    Under dynamic binarization the training split is kept in grey levels for
+    training; to score it, it is binarized once with :data:`BINARIZE_SEED`.
+    """
+    if split not in ("train", "valid", "test"):
+        raise DataError(f"unknown split {split!r}; choose train, valid or test")
+    x = getattr(splits, split)
+    if split == "train" and binarize == "dynamic":
+        gen = torch.Generator(device=x.device).manual_seed(BINARIZE_SEED)
+        x = torch.bernoulli(x, generator=gen)
+    return x
 
 
 def batches(

@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 from pyro_vae import rundir
 from pyro_vae.build import build_model_and_guide
 from pyro_vae.config import FitConfig, resolve_device
-from pyro_vae.data import BINARIZATIONS, Splits, binarize_splits
+from pyro_vae.data import BINARIZATIONS, Splits, binarize_splits, evaluation_split
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
+from pyro_vae.evaluate.__main__ import format_summary
+from pyro_vae.evaluate.report import evaluate_split
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
@@ -136,22 +138,43 @@ def run(cfg: FitConfig) -> Path:
         on_epoch=lambda stats: _report_epoch(out, stats, cfg),
     )
     loss_fn = elbo(model, guide)
-    train_x = torch.bernoulli(splits.train) if binarize == "dynamic" else splits.train
     final = {
-        split: dataset_elbo(loss_fn, x, cfg.batch_size)
-        for split, x in (
-            ("train", train_x),
-            ("valid", splits.valid),
-            ("test", splits.test),
+        split: dataset_elbo(
+            loss_fn, evaluation_split(splits, split, binarize), cfg.batch_size
         )
+        for split in ("train", "valid", "test")
     }
-    rundir.save_checkpoint(out, cfg, model, guide, optimizer, epoch=len(history))
+    rundir.save_checkpoint(
+        out, cfg, model, guide, optimizer, epoch=len(history), data_dim=splits.data_dim
+    )
     rundir.save_figures(out, model, guide, splits, history)
+    evaluation = None
+    if cfg.eval_k:
+        evaluation = evaluate_split(
+            model,
+            guide,
+            splits.test,
+            out,
+            k=cfg.eval_k,
+            seed=cfg.seed,
+            split="test",
+            binarization=rundir.binarization_note(binarize),
+        )
     metrics = rundir.save_metrics(
-        out, cfg, final, splits, device, binarize, time.perf_counter() - started
+        out,
+        cfg,
+        final,
+        splits,
+        device,
+        binarize,
+        time.perf_counter() - started,
+        evaluation,
     )
     if not cfg.quiet:
         print(rundir.summary(cfg, metrics, out))
+        if evaluation is not None:
+            print("\nimportance-sampled evaluation (evaluation.json):")
+            print(format_summary(evaluation))
     return out
 
 

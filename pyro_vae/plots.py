@@ -12,7 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-__all__ = ["image_grid", "plot_elbo", "plot_reconstructions", "plot_samples"]
+__all__ = [
+    "image_grid",
+    "plot_elbo",
+    "plot_iwae_vs_k",
+    "plot_khat",
+    "plot_reconstructions",
+    "plot_samples",
+]
 
 
 def image_grid(
@@ -76,4 +83,38 @@ def plot_elbo(
     ax.set_title("Training curve")
     ax.legend()
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_iwae_vs_k(summary: dict, path: str | Path) -> Path:
+    """Mean IWAE_k (± 2 se) against k, from the ELBO (k = 1) to log p̂(x) (k = K)."""
+    ks = sorted(int(k) for k in summary["iwae"])
+    means = np.array([summary["iwae"][str(k)]["mean"] for k in ks])
+    ses = np.array([summary["iwae"][str(k)]["se"] for k in ks])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(ks, means, yerr=2 * ses, marker="o", capsize=3, label="IWAE_k ± 2 se")
+    ax.axhline(summary["elbo"]["mean"], ls=":", c="gray", label="ELBO (k = 1)")
+    ax.axhline(
+        summary["log_px"]["mean"], ls="--", c="k", label=f"log p̂(x), K = {ks[-1]}"
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("k, importance samples per datum")
+    ax.set_ylabel("nats per datum (higher is better)")
+    ax.set_title(f"IWAE bound against k (n = {summary['n']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_khat(khat: np.ndarray, path: str | Path) -> Path:
+    """Histogram of per-datum Pareto k̂, with the 0.5 and 0.7 thresholds."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(khat, bins=40, color="steelblue")
+    for value, label in ((0.5, "0.5: slow"), (0.7, "0.7: unreliable")):
+        ax.axvline(value, ls="--", c="k")
+        ax.text(value, ax.get_ylim()[1] * 0.95, f" {label}", va="top")
+    above = float(np.mean(khat > 0.7))
+    ax.set_xlabel("Pareto k̂ of the importance weights (per datum)")
+    ax.set_ylabel("number of data")
+    ax.set_title(f"PSIS k̂: {100 * above:.1f}% of data above 0.7")
     return _save(fig, path)
