@@ -27,8 +27,7 @@ from pyro_vae.build import build_model_and_guide
 from pyro_vae.config import FitConfig, resolve_device
 from pyro_vae.data import BINARIZATIONS, Splits, binarize_splits, evaluation_split
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
-from pyro_vae.evaluate.__main__ import format_summary
-from pyro_vae.evaluate.report import evaluate_split
+from pyro_vae.evaluate.report import evaluate_split, format_summary
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from pyro_vae.config import resolve_device
 from pyro_vae.data import evaluation_split
 from pyro_vae.errors import PyroVAEError
-from pyro_vae.evaluate.report import evaluate_split
+from pyro_vae.evaluate.report import evaluate_split, format_summary
 from pyro_vae.load import load_run, load_run_data
 from pyro_vae.rundir import binarization_note
 
-__all__ = ["build_parser", "format_summary", "main"]
+__all__ = ["build_parser", "main"]
 
 
 def _positive(text: str) -> int:
@@ -48,27 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:I")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
     return parser
-
-
-def format_summary(summary: dict) -> str:
-    """The evaluation table, in nats per datum."""
-    rows = [
-        f"{summary['split']} split, n = {summary['n']}, K = {summary['k']} "
-        f"({summary['seconds']:.1f} s)",
-        f"{'estimate':<14}{'nats/datum':>12}{'± se':>10}",
-        f"{'ELBO':<14}{summary['elbo']['mean']:12.3f}{summary['elbo']['se']:10.3f}",
-    ]
-    for k, v in summary["iwae"].items():
-        if 1 < int(k) < summary["k"]:
-            rows.append(f"{'IWAE_' + k:<14}{v['mean']:12.3f}{v['se']:10.3f}")
-    lp, gap, khat = summary["log_px"], summary["gap"], summary["khat"]
-    rows += [
-        f"{'log p̂(x)':<14}{lp['mean']:12.3f}{lp['se']:10.3f}",
-        f"{'gap (KL)':<14}{gap['mean']:12.3f}{gap['se']:10.3f}",
-        f"k̂: mean {khat['mean']:.3f}, max {khat['max']:.3f}, "
-        f"{100 * khat['fraction_above_0.7']:.1f}% of data above 0.7 (unreliable)",
-    ]
-    return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from pyro_vae import plots
 from pyro_vae.evaluate.check import check_consistency
 from pyro_vae.evaluate.marginal import LogMarginal, log_marginal
 
-__all__ = ["POSTERIOR_DRAWS", "evaluate_split", "posterior_draws"]
+__all__ = ["POSTERIOR_DRAWS", "evaluate_split", "format_summary", "posterior_draws"]
 
 POSTERIOR_DRAWS = 8
 
@@ -61,6 +61,27 @@ def evaluate_split(
     plots.plot_iwae_vs_k(summary, out / "figures" / "iwae_vs_k.png")
     plots.plot_khat(result.khat.numpy(), out / "figures" / "khat.png")
     return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The evaluation table, in nats per datum."""
+    rows = [
+        f"{summary['split']} split, n = {summary['n']}, K = {summary['k']} "
+        f"({summary['seconds']:.1f} s)",
+        f"{'estimate':<14}{'nats/datum':>12}{'± se':>10}",
+        f"{'ELBO':<14}{summary['elbo']['mean']:12.3f}{summary['elbo']['se']:10.3f}",
+    ]
+    for k, v in summary["iwae"].items():
+        if 1 < int(k) < summary["k"]:
+            rows.append(f"{'IWAE_' + k:<14}{v['mean']:12.3f}{v['se']:10.3f}")
+    lp, gap, khat = summary["log_px"], summary["gap"], summary["khat"]
+    rows += [
+        f"{'log p̂(x)':<14}{lp['mean']:12.3f}{lp['se']:10.3f}",
+        f"{'gap (KL)':<14}{gap['mean']:12.3f}{gap['se']:10.3f}",
+        f"k̂: mean {khat['mean']:.3f}, max {khat['max']:.3f}, "
+        f"{100 * khat['fraction_above_0.7']:.1f}% of data above 0.7 (unreliable)",
+    ]
+    return "\n".join(rows)
 
 
 @torch.no_grad()
