@@ -109,12 +109,16 @@ def plot_iwae_vs_k(summary: dict, path: str | Path) -> Path:
 def plot_khat(khat: np.ndarray, path: str | Path) -> Path:
     """Histogram of per-datum Pareto k̂, with the 0.5 and 0.7 thresholds."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(khat, bins=40, color="steelblue")
+    finite = khat[np.isfinite(khat)]
+    ax.hist(finite, bins=40, color="steelblue")
     for value, label in ((0.5, "0.5: slow"), (0.7, "0.7: unreliable")):
         ax.axvline(value, ls="--", c="k")
         ax.text(value, ax.get_ylim()[1] * 0.95, f" {label}", va="top")
     above = float(np.mean(khat > 0.7))
     ax.set_xlabel("Pareto k̂ of the importance weights (per datum)")
     ax.set_ylabel("number of data")
-    ax.set_title(f"PSIS k̂: {100 * above:.1f}% of data above 0.7")
+    title = f"PSIS k̂: {100 * above:.1f}% of data above 0.7"
+    if len(finite) < len(khat):
+        title += f" ({len(khat) - len(finite)} not fitted: too few samples)"
+    ax.set_title(title)
     return _save(fig, path)

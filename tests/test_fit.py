@@ -128,3 +128,20 @@ def test_cuda_asked_for_but_absent(tmp_path, capsys):
 def test_unknown_device(tmp_path, capsys):
     assert main(["--device", "tpu9", "--out", str(tmp_path), "--quiet"]) == 1
     assert "unknown device 'tpu9'" in capsys.readouterr().err
+
+
+def test_same_seed_same_files(tmp_path):
+    def run(name, seed):
+        out = tmp_path / name
+        argv = [*TINY, "--eval-k", "20", "--seed", str(seed), "--out", str(out)]
+        assert main(argv) == 0
+        with open(out / "history.csv", newline="") as f:
+            history = [(r["train_elbo"], r["valid_elbo"]) for r in csv.DictReader(f)]
+        metrics = json.loads((out / "metrics.json").read_text())
+        numbers = {k: v for k, v in metrics.items() if k.endswith(("_elbo", "_px"))}
+        return history, numbers
+
+    first, again, other = run("a", 5), run("b", 5), run("c", 6)
+    assert first == again
+    assert first[0] != other[0]
+    assert "test_log_px" in first[1]

@@ -100,17 +100,20 @@ class LogMarginal:
                 str(k): mean_se(self.iwae[k], self.iwae_se[k])
                 for k in sorted(self.iwae)
             },
-            "khat": {
-                "mean": self.khat.mean().item(),
-                "max": self.khat.max().item(),
-                "fraction_above_0.5": (self.khat > 0.5).double().mean().item(),
-                "fraction_above_0.7": (self.khat > KHAT_UNRELIABLE)
-                .double()
-                .mean()
-                .item(),
-            },
+            "khat": self._khat_summary(),
             "ess": {"mean": self.ess.mean().item(), "min": self.ess.min().item()},
             "seconds": self.seconds,
+        }
+
+    def _khat_summary(self) -> dict[str, float | int | None]:
+        """k̂ statistics; mean and max over the data whose tail could be fitted."""
+        fitted = self.khat[torch.isfinite(self.khat)]
+        return {
+            "mean": fitted.mean().item() if len(fitted) else None,
+            "max": fitted.max().item() if len(fitted) else None,
+            "not_fitted": len(self.khat) - len(fitted),
+            "fraction_above_0.5": (self.khat > 0.5).double().mean().item(),
+            "fraction_above_0.7": (self.khat > KHAT_UNRELIABLE).double().mean().item(),
         }
 
 

@@ -34,7 +34,8 @@ def psis_diagnostics(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(khat, ess)``, each float64 ``(N,)`` on the CPU. Weights that are equal to
         within 1e-9 nats (an exact posterior as guide) have no tail: their k̂ is set
-        to 0 and their ESS to K.
+        to 0 and their ESS to K. Where the tail fit fails (too few samples, K below
+        about 100) k̂ is inf, which counts as unreliable.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ's refactor notice and k̂ warnings

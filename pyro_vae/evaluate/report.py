@@ -78,10 +78,18 @@ def format_summary(summary: dict) -> str:
     rows += [
         f"{'log p̂(x)':<14}{lp['mean']:12.3f}{lp['se']:10.3f}",
         f"{'gap (KL)':<14}{gap['mean']:12.3f}{gap['se']:10.3f}",
-        f"k̂: mean {khat['mean']:.3f}, max {khat['max']:.3f}, "
-        f"{100 * khat['fraction_above_0.7']:.1f}% of data above 0.7 (unreliable)",
+        _khat_line(khat),
     ]
     return "\n".join(rows)
+
+
+def _khat_line(khat: dict) -> str:
+    line = f"{100 * khat['fraction_above_0.7']:.1f}% of data above 0.7 (unreliable)"
+    if khat["mean"] is not None:
+        line = f"mean {khat['mean']:.3f}, max {khat['max']:.3f}, " + line
+    if khat["not_fitted"]:
+        line += f"; {khat['not_fitted']} not fitted (too few samples)"
+    return "k̂: " + line
 
 
 @torch.no_grad()
