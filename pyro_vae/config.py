@@ -58,6 +58,22 @@ class FitConfig:
     lr: float = _f(1e-3, "Adam learning rate")
     elbo: str = _f("trace", "trace: Trace_ELBO; meanfield: TraceMeanField_ELBO")
     num_particles: int = _f(1, "z samples per datum per step, vectorized")
+    loss: str = _f(
+        "elbo",
+        "objective: elbo (see --elbo), or the InfoVAE family: infovae (--alpha, "
+        "--lam), mmd-vae (alpha=1, --lam), beta-vae (--beta), ae (no KL, no MMD)",
+    )
+    alpha: float = _f(0.0, "InfoVAE alpha: 1 - alpha weighs KL(q(z|x) || p(z))")
+    lam: float = _f(1000.0, "InfoVAE lambda: alpha + lambda - 1 weighs MMD(q(z), p(z))")
+    beta: float = _f(4.0, "beta of beta-vae: the weight of the KL term")
+    kernel: str = _f(
+        "rbf", "MMD kernel: rbf or imq; add -multi for scales 0.1..10 (rbf-multi)"
+    )
+    bandwidth: str = _f(
+        "dim",
+        "MMD kernel scale: dim (2 d sigma^2, sigma = 1), median (median heuristic) "
+        "or a number sigma (fixed, 2 sigma^2)",
+    )
     # evaluation
     eval_k: int = _f(
         1000, "importance samples per datum for the final test log p(x); 0 skips it"
@@ -72,7 +88,10 @@ class FitConfig:
         checks = [
             (self.latent_dim >= 1, f"--latent-dim must be >= 1, got {self.latent_dim}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.eval_k >= 0, f"--eval-k must be >= 0 (0 skips), got {self.eval_k}"),
+            (
+                self.eval_k == 0 or self.eval_k >= 2,
+                f"--eval-k must be 0 (skip) or >= 2, got {self.eval_k}",
+            ),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (
                 self.lr > 0 and math.isfinite(self.lr),
@@ -97,6 +116,14 @@ class FitConfig:
             (
                 self.elbo in ("trace", "meanfield"),
                 f"--elbo must be trace or meanfield, got {self.elbo!r}",
+            ),
+            (
+                self.beta >= 0 and math.isfinite(self.beta),
+                f"--beta must be >= 0, got {self.beta}",
+            ),
+            (
+                math.isfinite(self.alpha) and math.isfinite(self.lam),
+                f"--alpha and --lam must be finite, got {self.alpha}, {self.lam}",
             ),
         ]
         for ok, message in checks:

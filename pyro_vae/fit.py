@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer import ELBO
 from tqdm.auto import tqdm
 
 from pyro_vae import rundir
@@ -27,8 +28,10 @@ from pyro_vae.build import build_model_and_guide
 from pyro_vae.config import FitConfig, resolve_device
 from pyro_vae.data import BINARIZATIONS, Splits, binarize_splits, evaluation_split
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
-from pyro_vae.evaluate.report import evaluate_split, format_summary
+from pyro_vae.evaluate.latents import latent_diagnostics
+from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
 from pyro_vae.guides import GUIDES
+from pyro_vae.losses import LOSSES, make_objective
 from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
 from pyro_vae.sources import DATASETS, load_dataset
@@ -44,6 +47,8 @@ _CHOICES = {
     "guide": tuple(GUIDES),
     "activation": tuple(ACTIVATIONS),
     "elbo": tuple(ELBOS),
+    "loss": LOSSES,
+    "kernel": ("rbf", "imq", "rbf-multi", "imq-multi"),
 }
 
 
@@ -123,6 +128,7 @@ def run(cfg: FitConfig) -> Path:
     _check_support(model.likelihood, splits, binarize)
     out = rundir.create(cfg)
     elbo = make_elbo(cfg.elbo, cfg.num_particles)
+    objective = _objective(cfg)
     history, optimizer = train(
         model,
         guide,
@@ -132,6 +138,7 @@ def run(cfg: FitConfig) -> Path:
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        objective=objective,
         dynamic_binarization=binarize == "dynamic",
         progress=not cfg.quiet and sys.stderr.isatty(),
         on_epoch=lambda stats: _report_epoch(out, stats, cfg),
@@ -159,6 +166,11 @@ def run(cfg: FitConfig) -> Path:
             split="test",
             binarization=rundir.binarization_note(binarize),
         )
+    latents = (
+        evaluation["latents"]
+        if evaluation is not None
+        else latent_diagnostics(model, guide, splits.test, seed=cfg.seed)
+    )
     metrics = rundir.save_metrics(
         out,
         cfg,
@@ -168,22 +180,46 @@ def run(cfg: FitConfig) -> Path:
         binarize,
         time.perf_counter() - started,
         evaluation,
+        latents,
     )
     if not cfg.quiet:
         print(rundir.summary(cfg, metrics, out))
-        if evaluation is not None:
+        if evaluation is None:
+            print(latents_line(latents) + " (test split)")
+        else:
             print("\nimportance-sampled evaluation (evaluation.json):")
             print(format_summary(evaluation))
     return out
 
 
+def _objective(cfg: FitConfig) -> ELBO | None:
+    """None for the plain ELBO (``--elbo`` picks it), else the InfoVAE-family loss."""
+    if cfg.loss == "elbo":
+        return None
+    try:
+        return make_objective(
+            cfg.loss,
+            alpha=cfg.alpha,
+            lam=cfg.lam,
+            beta=cfg.beta,
+            kernel=cfg.kernel,
+            bandwidth=cfg.bandwidth,
+            num_particles=cfg.num_particles,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _report_epoch(out: Path, stats: EpochStats, cfg: FitConfig) -> None:
     rundir.append_history(out, stats)
     if not cfg.quiet:
-        tqdm.write(
+        line = (
             f"epoch {stats.epoch:>4}/{cfg.epochs}  ELBO (nats per datum, higher is "
             f"better): train {stats.train_elbo:9.3f}  valid {stats.valid_elbo:9.3f}"
         )
+        if cfg.loss != "elbo":
+            line += f"  {cfg.loss} loss {stats.train_loss:9.3f}"
+        tqdm.write(line)
 
 
 def _check_support(likelihood: object, splits: Splits, binarize: str) -> None:

@@ -117,6 +117,7 @@ def save_metrics(
     binarize: str,
     wall_seconds: float,
     evaluation: dict[str, Any] | None = None,
+    latents: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json`` and return what it holds.
 
@@ -137,6 +138,8 @@ def save_metrics(
         "device": str(device),
         "versions": package_versions(),
     }
+    if latents is not None:
+        metrics["test_latents"] = latents
     if evaluation is not None:
         metrics["test_log_px"] = evaluation["log_px"]["mean"]
         metrics["test_log_px_se"] = evaluation["log_px"]["se"]

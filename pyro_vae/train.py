@@ -49,12 +49,17 @@ class NonFiniteLossError(PyroVAEError):
 
 @dataclass(frozen=True)
 class EpochStats:
-    """One row of ``history.csv``: ELBOs in nats per datum (higher is better)."""
+    """One row of ``history.csv``: ELBOs in nats per datum (higher is better).
+
+    ``train_loss`` is the objective that was minimized, per datum: -train_elbo for the
+    ELBO, the InfoVAE objective for :class:`pyro_vae.losses.Trace_InfoVAE`.
+    """
 
     epoch: int
     train_elbo: float
     valid_elbo: float
     seconds: float
+    train_loss: float
 
 
 def make_elbo(name: str, num_particles: int = 1) -> ELBO:
@@ -83,6 +88,7 @@ def train(
     epochs: int,
     batch_size: int,
     lr: float,
+    objective: ELBO | None = None,
     dynamic_binarization: bool = False,
     progress: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
@@ -93,8 +99,11 @@ def train(
         model, guide: Pyro programs taking one batch ``(B, D)``; see
             :mod:`pyro_vae.models.vae` for the contract.
         train_x, valid_x: data on the training device, ``(N, D)``.
-        elbo: the estimator, e.g. :func:`make_elbo`.
+        elbo: the ELBO estimator for reporting, e.g. :func:`make_elbo`; also the
+            objective unless ``objective`` is given.
         epochs, batch_size, lr: the schedule; batches are shuffled indices.
+        objective: a different loss to minimize (e.g. InfoVAE); the ELBO of each
+            training batch is then computed beside it, without gradients.
         dynamic_binarization: draw each training batch as Bernoulli(train_x[idx]).
         progress: show a tqdm bar over epochs.
         on_epoch: called with each epoch's stats (e.g. to write history).
@@ -105,7 +114,8 @@ def train(
     Raises:
         NonFiniteLossError: when a loss is NaN or inf; the step is not taken.
     """
-    loss_fn = elbo(model, guide)
+    elbo_fn = elbo(model, guide)
+    loss_fn = elbo_fn if objective is None else objective(model, guide)
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
     history: list[EpochStats] = []
     bar = tqdm(
@@ -114,7 +124,8 @@ def train(
     step = 0
     for epoch in bar:
         start = time.perf_counter()
-        total = torch.zeros((), device=train_x.device, dtype=torch.float64)
+        total_loss = torch.zeros((), device=train_x.device, dtype=torch.float64)
+        total_elbo = torch.zeros_like(total_loss)
         loss_fn.train()  # train mode for every network in the model and guide
         for x in batches(
             train_x, batch_size, shuffle=True, dynamic=dynamic_binarization
@@ -125,13 +136,19 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             (loss / len(x)).backward()
             optimizer.step()
-            total += loss.detach().double()
+            total_loss += loss.detach().double()
+            if objective is not None:
+                with torch.no_grad():
+                    total_elbo -= elbo_fn(x).double()
         loss_fn.eval()
+        if objective is None:
+            total_elbo = -total_loss
         stats = EpochStats(
             epoch=epoch,
-            train_elbo=-total.item() / len(train_x),
-            valid_elbo=dataset_elbo(loss_fn, valid_x, batch_size),
+            train_elbo=total_elbo.item() / len(train_x),
+            valid_elbo=dataset_elbo(elbo_fn, valid_x, batch_size),
             seconds=time.perf_counter() - start,
+            train_loss=total_loss.item() / len(train_x),
         )
         history.append(stats)
         bar.set_postfix(

@@ -22,9 +22,23 @@ __all__ = ["build_parser", "main"]
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            "must be at least 2: one sample per datum gives no Monte Carlo error"
+        )
     return value
 
 
@@ -37,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("run_dir", help="a run directory written by pyro_vae.fit")
     parser.add_argument(
-        "--k", type=_positive, default=5000, help="K, samples per datum"
+        "--k", type=_at_least_two, default=5000, help="K, samples per datum (>= 2)"
     )
     parser.add_argument(
         "--split", choices=("test", "valid", "train"), default="test", help="data split"

@@ -47,7 +47,8 @@ def check_consistency(result: object, n_sigma: float = 3.0) -> dict[str, int]:
         n_sigma: the threshold in standard errors.
 
     Returns:
-        Per pair ``"a<=b"``, how many data violated it (within the allowance).
+        Per neighbouring pair ``"a<=b"`` of the chain ELBO, IWAE_10, ..., log p̂(x),
+        how many data violated it (within the allowance).
     """
     if not torch.isfinite(result.log_px).all() or not torch.isfinite(result.elbo).all():
         raise EstimatorConsistencyError(
@@ -55,17 +56,22 @@ def check_consistency(result: object, n_sigma: float = 3.0) -> dict[str, int]:
             "guide gives non-finite log-densities (check likelihood support and scale "
             "floors)."
         )
-    ks = sorted(result.iwae)
+    k = result.k
+    chain = [("ELBO", result.elbo, result.elbo_se)]
+    chain += [
+        (f"IWAE_{g}", result.iwae[g], result.iwae_se[g]) for g in sorted(result.iwae)
+    ]
+    chain += [("log p̂(x)", result.log_px, result.log_px_se)]
     n, counts = len(result.log_px), {}
-    for a, b in zip(ks[:-1], ks[1:], strict=True):
-        diff = result.iwae[a] - result.iwae[b]
-        se = (result.iwae_se[a].square() + result.iwae_se[b].square()).sqrt()
+    for (a, va, sa), (b, vb, sb) in zip(chain[:-1], chain[1:], strict=True):
+        diff = va - vb
+        se = (sa.square() + sb.square()).sqrt()
         bad = int((diff > n_sigma * se + _ROUNDING).sum())
         mean_se = se.square().sum().sqrt().item() / n
         mean_diff = diff.mean().item()
         if mean_diff > n_sigma * mean_se + _ROUNDING or bad > _chance_allowance(n):
             raise EstimatorConsistencyError(
-                f"IWAE_{a} exceeds IWAE_{b}: by {mean_diff:.4g} nats on average "
+                f"{a} exceeds {b} (K = {k}): by {mean_diff:.4g} nats on average "
                 f"({n_sigma:g} se = {n_sigma * mean_se:.3g}), and beyond "
                 f"{n_sigma:g} se for {bad} of {n} data. The bounds must rise with k, "
                 "so the importance weights are wrong: look for a flipped sign in a "

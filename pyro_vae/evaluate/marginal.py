@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
@@ -180,8 +181,17 @@ def log_marginal(
     Returns:
         A :class:`LogMarginal` of float64 per-datum values on the CPU.
     """
-    if k < 1:
-        raise ValueError(f"K must be a positive number of importance samples, got {k}")
+    if k < 2:
+        raise ValueError(
+            f"K must be a positive number of importance samples, at least 2 (one "
+            f"sample gives no Monte Carlo error), got {k}"
+        )
+    bad_chunk = particle_chunk is not None and particle_chunk < 1
+    if len(data) == 0 or data_chunk < 1 or bad_chunk:
+        raise ValueError(
+            f"need data (got {len(data)} rows) and positive chunk sizes (data_chunk="
+            f"{data_chunk}, particle_chunk={particle_chunk})"
+        )
     start = time.perf_counter()
     n_chunk = min(data_chunk, len(data))
     if particle_chunk is None:
@@ -197,7 +207,7 @@ def log_marginal(
             devices=_cuda_devices(data), enabled=seed is not None
         ):
             if seed is not None:
-                torch.manual_seed(seed * 1_000_003 + first)
+                torch.manual_seed(chunk_seed(seed, first))
             buffer = _weights_buffer(model, guide, x, k, particle_chunk)
         parts.append(_chunk_statistics(buffer, grid, psis))
     merged = {
@@ -216,6 +226,15 @@ def log_marginal(
         seconds=time.perf_counter() - start,
         chunks={"data": n_chunk, "particles": particle_chunk},
     )
+
+
+def chunk_seed(seed: int, first: int) -> int:
+    """A 64-bit seed for the data chunk starting at datum ``first``, distinct for
+    every (seed, first) pair (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([abs(seed), int(seed < 0), first]).generate_state(
+        1, np.uint64
+    )
+    return int(state[0])
 
 
 def _cuda_devices(data: torch.Tensor) -> list[int]:

@@ -1,7 +1,8 @@
 """Run the evaluation on one split and write its files into a run directory.
 
 * ``evaluation.json``: mean ELBO, mean log p̂(x) ± se, the IWAE_k table, the gap, a
-  k̂ summary, K, n, seconds, the split and its binarization;
+  k̂ summary, K, n, seconds, the split and its binarization, and the latent
+  diagnostics of :mod:`pyro_vae.evaluate.latents` under ``latents``;
 * ``evaluation.nc``: ArviZ InferenceData: a few posterior draws of z per datum in
   ``posterior`` and, in the group ``evaluation``, per-datum log p̂(x), its se, the
   ELBO, the gap, k̂ and ESS;
@@ -22,9 +23,16 @@ from pyro import poutine
 
 from pyro_vae import plots
 from pyro_vae.evaluate.check import check_consistency
+from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.marginal import LogMarginal, log_marginal
 
-__all__ = ["POSTERIOR_DRAWS", "evaluate_split", "format_summary", "posterior_draws"]
+__all__ = [
+    "POSTERIOR_DRAWS",
+    "evaluate_split",
+    "format_summary",
+    "latents_line",
+    "posterior_draws",
+]
 
 POSTERIOR_DRAWS = 8
 
@@ -46,6 +54,7 @@ def evaluate_split(
     violations = check_consistency(result)
     summary = {
         **result.summary(),
+        "latents": latent_diagnostics(model, guide, x, seed=seed),
         "split": split,
         "binarization": binarization,
         "estimator": (
@@ -80,7 +89,24 @@ def format_summary(summary: dict) -> str:
         f"{'gap (KL)':<14}{gap['mean']:12.3f}{gap['se']:10.3f}",
         _khat_line(khat),
     ]
+    if "latents" in summary:
+        rows.append(latents_line(summary["latents"]))
     return "\n".join(rows)
+
+
+def latents_line(lat: dict) -> str:
+    """One line of latent diagnostics (see :mod:`pyro_vae.evaluate.latents`)."""
+    mi = lat["mutual_information"]
+    mi_text = (
+        "n/a"
+        if mi is None
+        else f"{mi:.3f} nats (max {lat['mutual_information_max']:.2f})"
+    )
+    return (
+        f"latents: MMD(q(z), p(z)) {lat['mmd']:.4f}; log det Cov q(z) "
+        f"{lat['log_det_cov']:.3f}; active units {lat['active_units']}/"
+        f"{lat['latent_dim']}; I(x; z) {mi_text}"
+    )
 
 
 def _khat_line(khat: dict) -> str:
