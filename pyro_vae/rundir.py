@@ -1,7 +1,7 @@
 """The files of a run directory, and the summary printed at the end of a run.
 
 * ``config.json``: the resolved :class:`FitConfig`, enough to re-run;
-* ``history.csv``: epoch, train_elbo, valid_elbo, seconds (ELBO in nats per datum);
+* ``history.csv``: epoch, train_elbo, valid_elbo, seconds, train_loss (nats per datum);
 * ``metrics.json``: final ELBOs per split, wall time, device, package versions;
 * ``checkpoint.pt``: model, guide and optimizer state plus the config, atomic;
 * ``figures/``: ``reconstructions.png``, ``samples.png``, ``elbo.png``.
