@@ -1,8 +1,17 @@
 """The inference side: amortized guides q(z|x) and their encoders.
 
 Installed as ``pyro_vae.guides`` from the repo's top-level ``guides/`` folder. Imports
-torch, pyro and :mod:`pyro_vae.nn` only; never :mod:`pyro_vae.models`. A guide's
-``forward(x)`` samples the site ``"z"`` (event_dim 1) inside ``pyro.plate("data", N)``.
+torch, pyro and :mod:`pyro_vae.nn` only; never :mod:`pyro_vae.models`.
+
+The guide contract: ``guide(x)`` takes a batch ``(N, D)`` and samples the site ``"z"``
+(event_dim 1) inside ``pyro.plate("data", N)``; ``guide.posterior(x)`` returns q(z|x)
+as a distribution with batch shape ``(N,)`` and event shape ``(d,)`` (the VampPrior
+uses it on its pseudo-inputs). Networks are submodules.
+
+:data:`GUIDES` maps a command-line name to ``factory(make_encoder, latent_dim,
+**options)``, where ``make_encoder(out_features)`` builds the encoder network (MLP or
+conv, see :data:`ENCODERS`) with the output width the guide asks for; options a
+factory does not use are ignored.
 """
 
 from __future__ import annotations
@@ -13,9 +22,10 @@ from torch import nn
 
 from pyro_vae.nn import mlp
 
+from .encoders import ENCODERS
 from .gaussian import DiagonalNormalGuide
 
-__all__ = ["GUIDES", "DiagonalNormalGuide", "mlp_diagonal_guide"]
+__all__ = ["ENCODERS", "GUIDES", "DiagonalNormalGuide", "mlp_diagonal_guide"]
 
 
 def mlp_diagonal_guide(
@@ -26,7 +36,9 @@ def mlp_diagonal_guide(
     return DiagonalNormalGuide(encoder, latent_dim)
 
 
-#: name -> factory(data_dim, latent_dim, hidden, activation) returning a guide module
+#: name -> factory(make_encoder, latent_dim, **options) returning a guide module
 GUIDES: dict[str, Callable[..., nn.Module]] = {
-    "diagonal": mlp_diagonal_guide,
+    "diagonal": lambda make_encoder, latent_dim, **_: DiagonalNormalGuide(
+        make_encoder(2 * latent_dim), latent_dim
+    ),
 }

@@ -48,7 +48,11 @@ class DiagonalNormalGuide(PyroModule):
         loc, raw_scale = self.encoder(x).split(self.latent_dim, dim=-1)
         return loc, softplus_floor(raw_scale, self.scale_floor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """q(z|x): batch shape ``(N,)``, event shape ``(d,)``."""
         loc, scale = self.encode(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            return pyro.sample("z", self.posterior(x))

@@ -10,6 +10,7 @@ Adding a likelihood is one small class with these two methods.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from pyro_vae.nn import softplus_floor
 
 __all__ = [
+    "LIKELIHOODS",
     "AbstractLikelihood",
     "BernoulliLikelihood",
     "GaussianLikelihood",
@@ -117,3 +119,15 @@ class LearnedGaussianLikelihood(AbstractLikelihood):
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:
         return dist.Normal(out, self.sigma).to_event(1)
+
+
+#: name -> factory(**options) returning a likelihood module. The builder passes every
+#: likelihood option (``data_dim``, ``sigma``, ``sigma_floor``, ...) to every factory;
+#: each takes the ones it uses and ignores the rest.
+LIKELIHOODS: dict[str, Callable[..., AbstractLikelihood]] = {
+    "bernoulli": lambda **_: BernoulliLikelihood(),
+    "gaussian": lambda sigma=1.0, **_: GaussianLikelihood(sigma),
+    "gaussian-learned": lambda sigma=1.0, sigma_floor=1e-3, **_: (
+        LearnedGaussianLikelihood(sigma, sigma_floor)
+    ),
+}

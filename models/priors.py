@@ -8,11 +8,14 @@ registers them as ordinary module parameters, so they train with everything else
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
+from torch import nn
 
-__all__ = ["StandardNormalPrior"]
+__all__ = ["PRIORS", "StandardNormalPrior"]
 
 
 class StandardNormalPrior(PyroModule):
@@ -33,3 +36,12 @@ class StandardNormalPrior(PyroModule):
 
     def forward(self) -> dist.Distribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+
+#: name -> factory(latent_dim, **options) returning a prior module. Options the
+#: builder passes: ``components``, ``pseudo_inputs``, ``df``, ``data_dim`` and
+#: ``posterior`` (the guide's x -> q(z|x), for the VampPrior); each factory takes
+#: what it uses.
+PRIORS: dict[str, Callable[..., nn.Module]] = {
+    "normal": lambda latent_dim, **_: StandardNormalPrior(latent_dim),
+}

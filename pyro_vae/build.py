@@ -6,14 +6,15 @@ imports both :mod:`pyro_vae.models` and :mod:`pyro_vae.guides`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
 from pyro_vae.config import FitConfig
 from pyro_vae.errors import ConfigError
-from pyro_vae.guides import GUIDES
+from pyro_vae.guides import ENCODERS, GUIDES
 from pyro_vae.models import DECODERS, LIKELIHOODS, PRIORS, VAE
 
 __all__ = ["build_model_and_guide", "lookup"]
@@ -30,20 +31,48 @@ def lookup(registry: Mapping[str, Any], name: str, what: str) -> Any:
 
 
 def build_model_and_guide(
-    cfg: FitConfig, data_dim: int
+    cfg: FitConfig, data_dim: int, image_shape: Sequence[int] | None = None
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The VAE model p(z) p(x|z) and guide q(z|x) that ``cfg`` names."""
+    """The VAE model p(z) p(x|z) and guide q(z|x) that ``cfg`` names.
+
+    Args:
+        cfg: names and options of the parts.
+        data_dim: D, the flattened size of a datum.
+        image_shape: the datum's shape, for conv networks; ``(D,)`` by default.
+    """
+    image_shape = tuple(image_shape) if image_shape else (data_dim,)
     try:
         likelihood = lookup(LIKELIHOODS, cfg.likelihood, "likelihood")(
-            sigma=cfg.sigma, sigma_floor=cfg.sigma_floor
+            data_dim=data_dim, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor
         )
-        prior = lookup(PRIORS, cfg.prior, "prior")(cfg.latent_dim)
-        out_features = data_dim * likelihood.params_per_feature
-        decoder = lookup(DECODERS, "mlp", "decoder")(
-            cfg.latent_dim, out_features, cfg.hidden, cfg.activation
+        make_encoder = partial(
+            lookup(ENCODERS, cfg.arch, "architecture"),
+            image_shape,
+            hidden=cfg.hidden,
+            activation=cfg.activation,
         )
         guide = lookup(GUIDES, cfg.guide, "guide")(
-            data_dim, cfg.latent_dim, cfg.hidden, cfg.activation
+            make_encoder,
+            cfg.latent_dim,
+            rank=cfg.rank,
+            flow_steps=cfg.flow_steps,
+            hidden=cfg.hidden,
+            activation=cfg.activation,
+        )
+        prior = lookup(PRIORS, cfg.prior, "prior")(
+            cfg.latent_dim,
+            components=cfg.components,
+            pseudo_inputs=cfg.pseudo_inputs,
+            df=cfg.df,
+            data_dim=data_dim,
+            posterior=guide.posterior,
+        )
+        decoder = lookup(DECODERS, cfg.arch, "architecture")(
+            cfg.latent_dim,
+            image_shape,
+            likelihood.params_per_feature,
+            cfg.hidden,
+            cfg.activation,
         )
     except ConfigError:
         raise

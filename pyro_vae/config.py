@@ -49,6 +49,12 @@ class FitConfig:
     sigma: float = _f(1.0, "Gaussian noise sd (fixed), or its initial value (learned)")
     sigma_floor: float = _f(1e-3, "smallest sd a learned Gaussian likelihood may reach")
     guide: str = _f("diagonal", "guide q(z|x)")
+    arch: str = _f("mlp", "networks: mlp, or conv (images: sized from H x W x C)")
+    components: int = _f(10, "mixture components of the mog prior")
+    pseudo_inputs: int = _f(500, "pseudo-inputs of the vamp prior")
+    df: float = _f(3.0, "degrees of freedom of the student-t prior")
+    rank: int = _f(2, "rank of the lowrank guide's covariance factor")
+    flow_steps: int = _f(2, "autoregressive (IAF) steps of the flow guide")
     latent_dim: int = _f(10, "size of z")
     hidden: tuple[int, ...] = _f((400,), "hidden widths of encoder and decoder MLPs")
     activation: str = _f("relu", "activation of the MLPs")
@@ -117,6 +123,13 @@ class FitConfig:
                 self.elbo in ("trace", "meanfield"),
                 f"--elbo must be trace or meanfield, got {self.elbo!r}",
             ),
+            (
+                min(self.components, self.pseudo_inputs, self.rank) >= 1,
+                "--components, --pseudo-inputs and --rank must be >= 1, got "
+                f"{self.components}, {self.pseudo_inputs}, {self.rank}",
+            ),
+            (self.flow_steps >= 0, f"--flow-steps must be >= 0, got {self.flow_steps}"),
+            (self.df > 0, f"--df must be positive, got {self.df}"),
             (
                 self.beta >= 0 and math.isfinite(self.beta),
                 f"--beta must be >= 0, got {self.beta}",

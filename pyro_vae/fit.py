@@ -30,7 +30,7 @@ from pyro_vae.data import BINARIZATIONS, Splits, binarize_splits, evaluation_spl
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
 from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
-from pyro_vae.guides import GUIDES
+from pyro_vae.guides import ENCODERS, GUIDES
 from pyro_vae.losses import LOSSES, make_objective
 from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
@@ -47,6 +47,7 @@ _CHOICES = {
     "guide": tuple(GUIDES),
     "activation": tuple(ACTIVATIONS),
     "elbo": tuple(ELBOS),
+    "arch": tuple(ENCODERS),
     "loss": LOSSES,
     "kernel": ("rbf", "imq", "rbf-multi", "imq-multi"),
 }
@@ -123,7 +124,7 @@ def run(cfg: FitConfig) -> Path:
             f"data of {cfg.dataset}; use at most {len(splits.train)}"
         )
     splits = binarize_splits(splits.to(device), binarize)
-    model, guide = build_model_and_guide(cfg, splits.data_dim)
+    model, guide = build_model_and_guide(cfg, splits.data_dim, splits.image_shape)
     model, guide = model.to(device, torch.float32), guide.to(device, torch.float32)
     _check_support(model.likelihood, splits, binarize)
     out = rundir.create(cfg)
@@ -151,7 +152,7 @@ def run(cfg: FitConfig) -> Path:
         for split in ("train", "valid", "test")
     }
     rundir.save_checkpoint(
-        out, cfg, model, guide, optimizer, epoch=len(history), data_dim=splits.data_dim
+        out, cfg, model, guide, optimizer, epoch=len(history), splits=splits
     )
     rundir.save_figures(out, model, guide, splits, history)
     evaluation = None

@@ -37,7 +37,8 @@ def load_run(
         ) from None
     if not isinstance(payload.get("data_dim"), int):
         raise CheckpointError(f"{run_dir / 'checkpoint.pt'} lacks the data dimension")
-    model, guide = build_model_and_guide(cfg, payload["data_dim"])
+    image_shape = payload.get("image_shape") or [payload["data_dim"]]
+    model, guide = build_model_and_guide(cfg, payload["data_dim"], image_shape)
     try:
         model.load_state_dict(payload["model"])
         guide.load_state_dict(payload["guide"])

@@ -7,12 +7,21 @@ scikit-learn's digits, 784 for MNIST.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "mlp", "parse_hidden", "softplus_floor"]
+__all__ = [
+    "ACTIVATIONS",
+    "ConvDecoder",
+    "ConvEncoder",
+    "image_chw",
+    "mlp",
+    "parse_hidden",
+    "softplus_floor",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -76,3 +85,105 @@ def parse_hidden(text: str) -> tuple[int, ...]:
 def softplus_floor(raw: torch.Tensor, floor: float) -> torch.Tensor:
     """``softplus(raw) + floor``: a positive scale that never collapses to zero."""
     return nn.functional.softplus(raw) + floor
+
+
+def image_chw(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(C, H, W) of a datum shape ``(H, W)`` or ``(C, H, W)``."""
+    if len(image_shape) == 2:
+        return (1, *image_shape)
+    if len(image_shape) == 3:
+        return tuple(image_shape)
+    raise ValueError(
+        "conv networks need images of shape (H, W) or (C, H, W), got "
+        f"{tuple(image_shape)}; use --arch mlp for flat data"
+    )
+
+
+def _flatten_batch(x: torch.Tensor, event_ndim: int) -> tuple[torch.Tensor, tuple]:
+    batch = x.shape[: x.dim() - event_ndim]
+    return x.reshape(math.prod(batch), *x.shape[x.dim() - event_ndim :]), batch
+
+
+class ConvEncoder(nn.Module):
+    """x ``(..., C*H*W)`` -> ``(..., out)``: two stride-2 convs, then two linears.
+
+    Spatial sizes follow the image: 28x28 -> 14x14 -> 7x7; 8x8 -> 4x4 -> 2x2.
+
+    Args:
+        image_shape: ``(H, W)`` or ``(C, H, W)``.
+        out_features: width of the output.
+        activation: a key of :data:`ACTIVATIONS`.
+        channels: feature maps of the two conv layers.
+        width: the hidden linear layer's width.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        out_features: int,
+        activation: str = "relu",
+        channels: tuple[int, int] = (32, 64),
+        width: int = 256,
+    ) -> None:
+        super().__init__()
+        self.chw = image_chw(image_shape)
+        act = ACTIVATIONS[activation]
+        self.conv = nn.Sequential(
+            nn.Conv2d(self.chw[0], channels[0], 4, stride=2, padding=1),
+            act(),
+            nn.Conv2d(channels[0], channels[1], 4, stride=2, padding=1),
+            act(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, *self.chw)).shape[-1]
+        self.head = nn.Sequential(
+            nn.Linear(flat, width), act(), nn.Linear(width, out_features)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat, batch = _flatten_batch(x, 1)
+        out = self.head(self.conv(flat.reshape(-1, *self.chw)))
+        return out.reshape(*batch, out.shape[-1])
+
+
+class ConvDecoder(nn.Module):
+    """z ``(..., d)`` -> ``(..., k*C*H*W)``: two linears, two stride-2 transposed convs.
+
+    The maps start at ceil(H/4) x ceil(W/4), are upsampled 4x and cropped to H x W,
+    so any image size works. The output holds k blocks of C*H*W (see
+    :mod:`pyro_vae.models.decoders`).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape: Sequence[int],
+        params_per_feature: int = 1,
+        activation: str = "relu",
+        channels: tuple[int, int] = (64, 32),
+        width: int = 256,
+    ) -> None:
+        super().__init__()
+        self.chw, self.k = image_chw(image_shape), params_per_feature
+        c, h, w = self.chw
+        self.start = (channels[0], -(-h // 4), -(-w // 4))
+        act = ACTIVATIONS[activation]
+        self.head = nn.Sequential(
+            nn.Linear(latent_dim, width),
+            act(),
+            nn.Linear(width, math.prod(self.start)),
+            act(),
+        )
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(channels[0], channels[1], 4, stride=2, padding=1),
+            act(),
+            nn.ConvTranspose2d(channels[1], self.k * c, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        flat, batch = _flatten_batch(z, 1)
+        maps = self.deconv(self.head(flat).reshape(-1, *self.start))
+        c, h, w = self.chw
+        maps = maps[..., :h, :w]  # crop the 4x upsampling to the image size
+        return maps.reshape(*batch, self.k * c * h * w)

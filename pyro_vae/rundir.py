@@ -66,7 +66,7 @@ def save_checkpoint(
     guide: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     epoch: int,
-    data_dim: int,
+    splits: Splits,
 ) -> Path:
     """Write ``checkpoint.pt`` atomically (see :mod:`pyro_vae.checkpoint`)."""
     payload = {
@@ -74,7 +74,8 @@ def save_checkpoint(
         "guide": guide.state_dict(),
         "optimizer": optimizer.state_dict(),
         "config": asdict(cfg),
-        "data_dim": data_dim,
+        "data_dim": splits.data_dim,
+        "image_shape": list(splits.image_shape),
         "epoch": epoch,
         "versions": package_versions(),
     }

@@ -21,6 +21,8 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch.nn import functional as F
 
+from pyro_vae.build import build_model_and_guide
+from pyro_vae.config import FitConfig
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import (
     DECODERS,
@@ -31,6 +33,7 @@ from pyro_vae.models import (
     GaussianLikelihood,
     LearnedGaussianLikelihood,
     StandardNormalPrior,
+    mlp_decoder,
 )
 
 D, d, N = 12, 3, 5
@@ -47,14 +50,17 @@ def make_data(likelihood_name: str, n: int = N) -> torch.Tensor:
     return x
 
 
+def _config(**names) -> FitConfig:
+    return FitConfig(latent_dim=d, hidden=HIDDEN, **names)
+
+
 def make_vae(likelihood_name: str, prior_name: str = "normal") -> VAE:
-    lik = LIKELIHOODS[likelihood_name]()
-    decoder = DECODERS["mlp"](d, D * lik.params_per_feature, HIDDEN, "relu")
-    return VAE(PRIORS[prior_name](d), decoder, lik)
+    cfg = _config(likelihood=likelihood_name, prior=prior_name)
+    return build_model_and_guide(cfg, D)[0]
 
 
 def make_guide(guide_name: str) -> torch.nn.Module:
-    return GUIDES[guide_name](D, d, HIDDEN, "relu")
+    return build_model_and_guide(_config(guide=guide_name), D)[1]
 
 
 def sample_site_names(trace) -> set[str]:
@@ -322,7 +328,7 @@ def test_standard_normal_prior_density():
 def test_custom_distribution_prior():
     prior = dist.Normal(torch.zeros(d), 2.0).to_event(1)
     lik = GaussianLikelihood(sigma=1.0)
-    model = VAE(prior, DECODERS["mlp"](d, D, HIDDEN, "relu"), lik)
+    model = VAE(prior, mlp_decoder(d, D, HIDDEN, "relu"), lik)
     guide = make_guide("diagonal")
     x = make_data("gaussian")
 
