@@ -18,7 +18,14 @@ from .likelihoods import (
     LearnedGaussianLikelihood,
 )
 from .linear_gaussian import LinearGaussian, PosteriorGuide
-from .priors import PRIORS, StandardNormalPrior
+from .priors import (
+    PRIORS,
+    LearnedNormalPrior,
+    MixtureOfGaussiansPrior,
+    StandardNormalPrior,
+    StudentTPrior,
+    VampPrior,
+)
 from .vae import VAE
 
 __all__ = [
@@ -30,9 +37,13 @@ __all__ = [
     "BernoulliLikelihood",
     "GaussianLikelihood",
     "LearnedGaussianLikelihood",
+    "LearnedNormalPrior",
+    "MixtureOfGaussiansPrior",
     "LinearGaussian",
     "PosteriorGuide",
     "StandardNormalPrior",
+    "StudentTPrior",
+    "VampPrior",
     "conv_decoder",
     "mlp_decoder",
 ]

@@ -8,6 +8,7 @@ registers them as ordinary module parameters, so they train with everything else
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
@@ -15,7 +16,16 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-__all__ = ["PRIORS", "StandardNormalPrior"]
+from pyro_vae.nn import softplus_floor
+
+__all__ = [
+    "PRIORS",
+    "LearnedNormalPrior",
+    "MixtureOfGaussiansPrior",
+    "StandardNormalPrior",
+    "StudentTPrior",
+    "VampPrior",
+]
 
 
 class StandardNormalPrior(PyroModule):
@@ -38,10 +48,148 @@ class StandardNormalPrior(PyroModule):
         return dist.Normal(self.loc, self.scale).to_event(1)
 
 
+class LearnedNormalPrior(PyroModule):
+    """p(z) = N(mu, diag sigma^2) with learned mu and sigma = softplus(rho) + floor.
+
+    Args:
+        latent_dim: d.
+        floor: the smallest sigma.
+    """
+
+    def __init__(self, latent_dim: int, floor: float = 1e-3) -> None:
+        super().__init__()
+        _check_dim(latent_dim)
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.rho = nn.Parameter(
+            torch.full((latent_dim,), _softplus_inverse(1.0 - floor))
+        )
+        self.floor = floor
+
+    def forward(self) -> dist.Distribution:
+        return dist.Normal(self.loc, softplus_floor(self.rho, self.floor)).to_event(1)
+
+
+class MixtureOfGaussiansPrior(PyroModule):
+    """p(z) = Σ_k π_k N(z; mu_k, diag sigma_k^2), all learned.
+
+    Means start spread as N(0, I) draws, scales at 1, weights uniform. The KL to a
+    guide has no closed form: train with ``--elbo trace``.
+
+    Args:
+        latent_dim: d.
+        components: K.
+        floor: the smallest sigma.
+    """
+
+    def __init__(
+        self, latent_dim: int, components: int = 10, floor: float = 1e-3
+    ) -> None:
+        super().__init__()
+        _check_dim(latent_dim)
+        if components < 1:
+            raise ValueError(f"--components must be >= 1, got {components}")
+        self.logits = nn.Parameter(torch.zeros(components))
+        self.locs = nn.Parameter(torch.randn(components, latent_dim))
+        self.rhos = nn.Parameter(
+            torch.full((components, latent_dim), _softplus_inverse(1.0 - floor))
+        )
+        self.floor = floor
+
+    def forward(self) -> dist.Distribution:
+        scales = softplus_floor(self.rhos, self.floor)
+        return dist.MixtureSameFamily(
+            dist.Categorical(logits=self.logits),
+            dist.Normal(self.locs, scales).to_event(1),
+        )
+
+
+class VampPrior(PyroModule):
+    """p(z) = (1/K) Σ_k q(z | u_k): the guide's posterior at K learned pseudo-inputs.
+
+    The pseudo-inputs u_k = sigmoid(r_k) lie in (0, 1)^D like the data. The guide is
+    handed in as ``posterior``, a callable x -> q(z|x) (batch (K,), event (d,)), so
+    this module does not import :mod:`pyro_vae.guides`; the encoder's parameters stay
+    the guide's, and the pseudo-inputs are this prior's.
+
+    Args:
+        posterior: the guide's ``posterior`` method.
+        pseudo_inputs: K.
+        data_dim: D.
+
+    References:
+        Tomczak & Welling (2018), VAE with a VampPrior, AISTATS, arXiv:1705.07120.
+    """
+
+    def __init__(
+        self,
+        posterior: Callable[[torch.Tensor], dist.Distribution],
+        pseudo_inputs: int = 500,
+        data_dim: int = 784,
+    ) -> None:
+        super().__init__()
+        if pseudo_inputs < 1 or data_dim < 1:
+            raise ValueError(
+                f"--pseudo-inputs and the data dimension must be >= 1, got "
+                f"{pseudo_inputs} and {data_dim}"
+            )
+        self.posterior = posterior
+        # Start near grey 0.5 with a little noise, as Tomczak & Welling initialize.
+        self.raw_inputs = nn.Parameter(0.1 * torch.randn(pseudo_inputs, data_dim))
+
+    @property
+    def pseudo_inputs(self) -> torch.Tensor:
+        return torch.sigmoid(self.raw_inputs)
+
+    def forward(self) -> dist.Distribution:
+        components = self.posterior(self.pseudo_inputs)
+        k = self.raw_inputs.shape[0]
+        return dist.MixtureSameFamily(
+            dist.Categorical(logits=self.raw_inputs.new_zeros(k)), components
+        )
+
+
+class StudentTPrior(PyroModule):
+    """p(z) = Π_d StudentT(z_d; ν, 0, 1): heavy tails, fixed degrees of freedom ν.
+
+    Args:
+        latent_dim: d.
+        df: ν > 0; smaller is heavier-tailed (ν = 1 is Cauchy).
+    """
+
+    def __init__(self, latent_dim: int, df: float = 3.0) -> None:
+        super().__init__()
+        _check_dim(latent_dim)
+        if not df > 0:
+            raise ValueError(f"--df must be positive, got {df}")
+        self.register_buffer("df", torch.full((latent_dim,), float(df)))
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self) -> dist.Distribution:
+        return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
+
+
+def _check_dim(latent_dim: int) -> None:
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+
+
+def _softplus_inverse(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
 #: name -> factory(latent_dim, **options) returning a prior module. Options the
 #: builder passes: ``components``, ``pseudo_inputs``, ``df``, ``data_dim`` and
 #: ``posterior`` (the guide's x -> q(z|x), for the VampPrior); each factory takes
 #: what it uses.
 PRIORS: dict[str, Callable[..., nn.Module]] = {
     "normal": lambda latent_dim, **_: StandardNormalPrior(latent_dim),
+    "learned-normal": lambda latent_dim, **_: LearnedNormalPrior(latent_dim),
+    "mog": lambda latent_dim, components=10, **_: MixtureOfGaussiansPrior(
+        latent_dim, components
+    ),
+    "vamp": lambda latent_dim, posterior, pseudo_inputs=500, data_dim=784, **_: (
+        VampPrior(posterior, pseudo_inputs, data_dim)
+    ),
+    "student-t": lambda latent_dim, df=3.0, **_: StudentTPrior(latent_dim, df),
 }

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import ELBO
+from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
 from pyro_vae import rundir
@@ -127,6 +129,8 @@ def run(cfg: FitConfig) -> Path:
     model, guide = build_model_and_guide(cfg, splits.data_dim, splits.image_shape)
     model, guide = model.to(device, torch.float32), guide.to(device, torch.float32)
     _check_support(model.likelihood, splits, binarize)
+    if cfg.elbo == "meanfield":
+        _check_closed_form_kl(model, guide, splits.valid[:2], cfg)
     out = rundir.create(cfg)
     elbo = make_elbo(cfg.elbo, cfg.num_particles)
     objective = _objective(cfg)
@@ -221,6 +225,29 @@ def _report_epoch(out: Path, stats: EpochStats, cfg: FitConfig) -> None:
         if cfg.loss != "elbo":
             line += f"  {cfg.loss} loss {stats.train_loss:9.3f}"
         tqdm.write(line)
+
+
+def _check_closed_form_kl(
+    model: torch.nn.Module, guide: torch.nn.Module, x: torch.Tensor, cfg: FitConfig
+) -> None:
+    """``--elbo meanfield`` needs KL(q(z|x) || p(z)) in closed form: refuse otherwise.
+
+    Pyro's TraceMeanField_ELBO silently falls back to a Monte Carlo KL; pyro_vae
+    refuses instead, so that "meanfield" always means the analytic KL.
+    """
+    with torch.no_grad(), torch.random.fork_rng():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(x)
+    q, p = guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
+    try:
+        kl_divergence(q, p)
+    except NotImplementedError:
+        raise ConfigError(
+            f"--elbo meanfield needs KL(q(z|x) || p(z)) in closed form, and there is "
+            f"none for the {cfg.guide} guide ({type(q).__name__}) against the "
+            f"{cfg.prior} prior ({type(p).__name__}); use --elbo trace (a Monte Carlo "
+            "KL) for this pair"
+        ) from None
 
 
 def _check_support(likelihood: object, splits: Splits, binarize: str) -> None:

@@ -1,0 +1,150 @@
+"""Every registered part trains, evaluates and round-trips through a checkpoint.
+
+For each prior, likelihood, guide and network in the registries, the assembled VAE
+is traced, trained a few steps on digits, and scored with the importance-sampled
+estimator: values are finite and ELBO ≤ log p̂(x) within Monte Carlo error (the
+consistency check). A checkpoint save/load gives identical log-weights under the
+same seed. A prior written here, registered nowhere, works on the exact oracle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_vae.build import build_model_and_guide
+from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.config import FitConfig
+from pyro_vae.evaluate import check_consistency, log_marginal, log_weights
+from pyro_vae.guides import ENCODERS, GUIDES
+from pyro_vae.models import LIKELIHOODS, PRIORS, VAE, GaussianLikelihood
+from pyro_vae.sources import load_dataset
+from pyro_vae.train import make_elbo, train
+
+N_TRAIN, N_EVAL, K = 200, 20, 64
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _data(splits, likelihood: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and evaluation data in the likelihood's support."""
+    x_train, x_eval = splits.train[:N_TRAIN], splits.test[:N_EVAL]
+    if likelihood == "bernoulli":
+        gen = torch.Generator().manual_seed(0)
+        return torch.bernoulli(x_train, generator=gen), torch.bernoulli(
+            x_eval, generator=gen
+        )
+    if likelihood == "discretized-logistic":
+        return (x_train * 255).round() / 255, (x_eval * 255).round() / 255
+    return x_train, x_eval
+
+
+def _cases():
+    cases = [dict(prior=name) for name in PRIORS]
+    cases += [dict(likelihood=name) for name in LIKELIHOODS if name != "bernoulli"]
+    cases += [dict(guide=name) for name in GUIDES if name != "diagonal"]
+    cases += [dict(arch=name) for name in ENCODERS if name != "mlp"]
+    return cases
+
+
+def _name(case):
+    return "-".join(f"{k}={v}" for k, v in case.items())
+
+
+@pytest.mark.parametrize("case", _cases(), ids=_name)
+def test_part_trains_evaluates_and_round_trips(case, digits, tmp_path):
+    torch.set_default_dtype(torch.float32)
+    pyro.set_rng_seed(0)
+    cfg = FitConfig(latent_dim=3, hidden=(32,), components=3, pseudo_inputs=5, **case)
+    x_train, x_eval = _data(digits, cfg.likelihood)
+    model, guide = build_model_and_guide(cfg, 64, digits.image_shape)
+    history, _ = train(
+        model,
+        guide,
+        x_train,
+        x_eval,
+        elbo=make_elbo("trace"),
+        epochs=2,
+        batch_size=50,
+        lr=1e-3,
+    )
+    assert all(
+        math.isfinite(h.train_elbo) and math.isfinite(h.valid_elbo) for h in history
+    )
+    result = log_marginal(model, guide, x_eval, K, seed=0)
+    assert (
+        torch.isfinite(result.log_px).all() and torch.isfinite(result.log_px_se).all()
+    )
+    check_consistency(result)  # ELBO <= IWAE_k <= log p-hat within 3 se, or raises
+
+    # checkpoint round trip: same weights, same seed -> identical log-weights
+    save_checkpoint(
+        {"model": model.state_dict(), "guide": guide.state_dict()}, tmp_path / "c.pt"
+    )
+    payload = load_checkpoint(tmp_path / "c.pt")
+    pyro.set_rng_seed(1)  # different initial weights, overwritten by the load
+    model2, guide2 = build_model_and_guide(cfg, 64, digits.image_shape)
+    model2.load_state_dict(payload["model"])
+    guide2.load_state_dict(payload["guide"])
+    torch.manual_seed(5)
+    before = log_weights(model, guide, x_eval, 8)
+    torch.manual_seed(5)
+    after = log_weights(model2, guide2, x_eval, 8)
+    assert torch.equal(before, after)
+
+
+class HandWrittenPrior(PyroModule):
+    """A user's prior: N(m, s^2 I) with learned m and s, registered nowhere."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.m = nn.Parameter(torch.zeros(d))
+        self.log_s = nn.Parameter(torch.zeros(d))
+
+    def forward(self):
+        return dist.Normal(self.m, self.log_s.exp()).to_event(1)
+
+
+def test_user_prior_on_the_linear_gaussian_oracle():
+    # p(z) = N(m, diag s^2) (user code), p(x|z) = N(Wz + b, sigma^2 I): still linear-
+    # Gaussian, so log p(x) = log N(x; W m + b, W diag(s^2) W^T + sigma^2 I) exactly.
+    pyro.set_rng_seed(0)
+    d, D, sigma = 2, 5, 0.5
+    w_true = torch.randn(D, d)
+    x = torch.randn(300, d) @ w_true.T + 1.0 + sigma * torch.randn(300, D)
+    decoder = nn.Linear(d, D)
+    model = VAE(HandWrittenPrior(d), decoder, GaussianLikelihood(sigma))
+    cfg = FitConfig(latent_dim=d, hidden=(32,))
+    _, guide = build_model_and_guide(cfg, D)
+    history, _ = train(
+        model,
+        guide,
+        x,
+        x[:50],
+        elbo=make_elbo("trace"),
+        epochs=40,
+        batch_size=50,
+        lr=1e-2,
+    )
+    assert history[-1].valid_elbo > history[0].valid_elbo + 1.0
+    assert model.prior.m.grad is not None  # the user's parameters trained
+
+    x_eval = x[:10]
+    result = log_marginal(model, guide, x_eval, 2000, seed=0)
+    check_consistency(result)
+    with torch.no_grad():
+        w, b = decoder.weight, decoder.bias
+        s2 = model.prior.log_s.exp().square()
+        cov = w @ torch.diag(s2) @ w.T + sigma**2 * torch.eye(D)
+        exact = dist.MultivariateNormal(w @ model.prior.m + b, cov).log_prob(x_eval)
+    z = (result.log_px - exact) / result.log_px_se
+    assert z.abs().max() < 5, z
