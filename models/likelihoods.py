@@ -14,18 +14,33 @@ from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_vae.nn import softplus_floor
 
+from .discretized import BINS, DiscretizedLogistic
+
 __all__ = [
+    "BETA_EPS",
     "LIKELIHOODS",
     "AbstractLikelihood",
     "BernoulliLikelihood",
+    "BetaLikelihood",
+    "ClampedBeta",
+    "ContinuousBernoulliLikelihood",
+    "DecoderGaussianLikelihood",
+    "DiscretizedLogisticLikelihood",
     "GaussianLikelihood",
+    "LaplaceLikelihood",
     "LearnedGaussianLikelihood",
+    "PixelGaussianLikelihood",
+    "inverse_softplus_floor",
 ]
+
+#: the Beta likelihood clamps observations to [BETA_EPS, 1 - BETA_EPS]
+BETA_EPS = 1e-3
 
 
 class AbstractLikelihood(PyroModule):
@@ -44,6 +59,39 @@ class AbstractLikelihood(PyroModule):
                 f"{type(self).__name__} got non-finite data; remove or impute NaN and "
                 "inf values before training"
             )
+
+
+def inverse_softplus_floor(value: float, floor: float) -> float:
+    """The raw rho with ``softplus(rho) + floor == value``; needs 0 < floor < value."""
+    if not (0 < floor < value < math.inf):
+        raise ValueError(
+            f"need 0 < sigma floor < initial sigma, got floor={floor}, "
+            f"init_sigma={value}; raise --sigma or lower --sigma-floor"
+        )
+    y = value - floor
+    return y + math.log(-math.expm1(-y))  # log(expm1(y)) without overflow
+
+
+def _positive_floor(floor: float) -> float:
+    if not (0 < floor < math.inf):
+        raise ValueError(f"--sigma-floor must be positive and finite, got {floor}")
+    return float(floor)
+
+
+def _check_unit_interval(x: torch.Tensor, name: str, fix: str) -> None:
+    """Raise ``ValueError`` naming the range found unless all of ``x`` is in [0, 1]."""
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"the {name} likelihood needs data in [0, 1], but the values range over "
+            f"[{lo:.6g}, {hi:.6g}]; {fix}"
+        )
+
+
+_UNIT_FIX = (
+    "rescale them to [0, 1] (e.g. divide 8-bit intensities by 255) or use a "
+    "likelihood on the real line (--likelihood gaussian, gaussian-learned or laplace)"
+)
 
 
 class BernoulliLikelihood(AbstractLikelihood):
@@ -101,17 +149,8 @@ class LearnedGaussianLikelihood(AbstractLikelihood):
 
     def __init__(self, init_sigma: float = 1.0, floor: float = 1e-3) -> None:
         super().__init__()
-        if not (0 < floor < init_sigma < math.inf):
-            raise ValueError(
-                f"need 0 < sigma floor < initial sigma, got floor={floor}, "
-                f"init_sigma={init_sigma}"
-            )
         self.floor = float(floor)
-        # Invert softplus so that sigma starts at init_sigma exactly; this form of
-        # log(expm1(y)) does not overflow for large y.
-        y = init_sigma - floor
-        rho = y + math.log(-math.expm1(-y))
-        self.rho = nn.Parameter(torch.tensor(rho))
+        self.rho = nn.Parameter(torch.tensor(inverse_softplus_floor(init_sigma, floor)))
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -119,6 +158,214 @@ class LearnedGaussianLikelihood(AbstractLikelihood):
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:
         return dist.Normal(out, self.sigma).to_event(1)
+
+
+class PixelGaussianLikelihood(AbstractLikelihood):
+    """x_i | z ~ N(decoder(z)_i, sigma_i^2) with one learned sigma per pixel.
+
+    log p(x|z) = sum_i -(x_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i - log(2 pi)/2,
+    sigma_i = softplus(rho_i) + floor with rho of shape (D,).
+
+    Args:
+        data_dim: D, the number of pixels.
+        init_sigma: every sigma_i at initialization, > floor.
+        floor: the smallest sigma allowed.
+
+    References:
+        Rybkin, Daniilidis & Levine (2021), Simple and Effective VAE Training with
+        Calibrated Decoders, arXiv:2006.13202.
+    """
+
+    def __init__(
+        self, data_dim: int | None, init_sigma: float = 1.0, floor: float = 1e-3
+    ) -> None:
+        super().__init__()
+        if data_dim is None or data_dim < 1:
+            raise ValueError(
+                "the gaussian-pixel likelihood learns one sigma per pixel and needs "
+                f"data_dim >= 1, got {data_dim}; pass data_dim=D"
+            )
+        self.floor = float(floor)
+        rho = inverse_softplus_floor(init_sigma, floor)
+        self.rho = nn.Parameter(torch.full((data_dim,), rho))
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return softplus_floor(self.rho, self.floor)  # (D,)
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(out, self.sigma).to_event(1)
+
+
+class DecoderGaussianLikelihood(AbstractLikelihood):
+    """x_i | z ~ N(mu_i(z), sigma_i(z)^2): the decoder predicts loc and scale.
+
+    mu = first block of the decoder output, sigma = softplus(raw + rho0) + floor from
+    the second (rho0 makes sigma = init_sigma at raw = 0); log p(x|z) as for
+    :class:`PixelGaussianLikelihood`.
+
+    Args:
+        init_sigma: sigma where the decoder's raw scale output is 0, > floor.
+        floor: the smallest sigma allowed.
+
+    References:
+        Kingma & Welling (2014), Auto-Encoding Variational Bayes, arXiv:1312.6114,
+        appendix C.2.
+    """
+
+    params_per_feature = 2
+
+    def __init__(self, init_sigma: float = 1.0, floor: float = 1e-3) -> None:
+        super().__init__()
+        self.floor = float(floor)
+        self.rho0 = inverse_softplus_floor(init_sigma, floor)
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        loc, raw = out.chunk(2, dim=-1)
+        return dist.Normal(loc, softplus_floor(raw + self.rho0, self.floor)).to_event(1)
+
+
+class LaplaceLikelihood(AbstractLikelihood):
+    """x_i | z ~ Laplace(decoder(z)_i, b) with one learned scale b for all pixels.
+
+    log p(x|z) = sum_i -|x_i - mu_i| / b - log(2 b), b = softplus(rho) + floor: an
+    L1 reconstruction error with a learned weight.
+
+    Args:
+        init_scale: b at initialization, > floor.
+        floor: the smallest b allowed.
+
+    References:
+        Kotz, Kozubowski & Podgorski (2001), The Laplace Distribution and
+        Generalizations, Birkhauser, ch. 2.
+    """
+
+    def __init__(self, init_scale: float = 1.0, floor: float = 1e-3) -> None:
+        super().__init__()
+        self.floor = float(floor)
+        self.rho = nn.Parameter(torch.tensor(inverse_softplus_floor(init_scale, floor)))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return softplus_floor(self.rho, self.floor)
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.Laplace(out, self.scale).to_event(1)
+
+
+class ContinuousBernoulliLikelihood(AbstractLikelihood):
+    """x_i | z ~ ContinuousBernoulli(sigmoid(decoder(z)_i)) for x in [0, 1].
+
+    log p(x|z) = sum_i x_i l_i - softplus(l_i) + C(lambda_i) on logits l, with
+    lambda = sigmoid(l) and the log normalizer
+    C(lambda) = log(2 atanh(1 - 2 lambda) / (1 - 2 lambda)), C(1/2) = log 2; Pyro's
+    ``ContinuousBernoulli`` includes C (a Taylor series near 1/2). Without C this is
+    the Bernoulli "likelihood" of grey-level data, which is not a density.
+
+    References:
+        Loaiza-Ganem & Cunningham (2019), The continuous Bernoulli: fixing a pervasive
+        error in variational autoencoders, arXiv:1907.06845, eq. 7.
+    """
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        return dist.ContinuousBernoulli(logits=out).to_event(1)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        super().check_data(x)
+        _check_unit_interval(x, "continuous-bernoulli", _UNIT_FIX)
+
+
+class ClampedBeta(dist.Beta):
+    """Beta whose ``log_prob`` clamps values to [BETA_EPS, 1 - BETA_EPS] first.
+
+    Its support is the closed [0, 1], so Pyro's validation admits observed 0s and 1s.
+    """
+
+    support = constraints.unit_interval
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return super().log_prob(value.clamp(BETA_EPS, 1.0 - BETA_EPS))
+
+
+class BetaLikelihood(AbstractLikelihood):
+    """x_i | z ~ Beta(alpha_i(z), beta_i(z)) for grey levels x in [0, 1].
+
+    alpha = softplus(first block) + floor, beta = softplus(second block) + floor.
+    With x' = clamp(x, eps, 1 - eps), eps = 1e-3 (:data:`BETA_EPS`):
+
+    log p(x|z) = sum_i (alpha_i - 1) log x'_i + (beta_i - 1) log(1 - x'_i)
+    + lgamma(alpha_i + beta_i) - lgamma(alpha_i) - lgamma(beta_i).
+
+    Clamping rule: grey-level data hold exact 0s and 1s, where the Beta density is 0
+    or infinite, so observed values are clamped to [eps, 1 - eps] before the density
+    is evaluated (:class:`ClampedBeta`); samples and means are the Beta's own.
+
+    Args:
+        floor: the smallest concentration allowed (``--sigma-floor``).
+
+    References:
+        Loaiza-Ganem & Cunningham (2019), arXiv:1907.06845, section 5 (Beta
+        likelihood baseline).
+    """
+
+    params_per_feature = 2
+
+    def __init__(self, floor: float = 1e-3) -> None:
+        super().__init__()
+        self.floor = _positive_floor(floor)
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        a, b = softplus_floor(out, self.floor).chunk(2, dim=-1)
+        return ClampedBeta(a, b).to_event(1)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        super().check_data(x)
+        _check_unit_interval(x, "beta", _UNIT_FIX)
+
+
+class DiscretizedLogisticLikelihood(AbstractLikelihood):
+    """x_i | z ~ DiscretizedLogistic(mu_i(z), s_i(z)) for 8-bit data x = k/255.
+
+    mu = first block, s = softplus(second block) + floor. log p(x|z) = sum_i log P(x_i)
+    with P(x) = sigma((x + 1/510 - mu)/s) - sigma((x - 1/510 - mu)/s), the edge bins
+    x = 0 and x = 1 taking the tails (:class:`.discretized.DiscretizedLogistic`): a
+    log probability (<= 0, comparable with bits per dimension), not a density.
+
+    Args:
+        floor: the smallest scale s allowed.
+
+    References:
+        Salimans, Karpathy, Chen & Kingma (2017), PixelCNN++, arXiv:1701.05517.
+    """
+
+    params_per_feature = 2
+
+    def __init__(self, floor: float = 1e-3) -> None:
+        super().__init__()
+        self.floor = _positive_floor(floor)
+
+    def forward(self, out: torch.Tensor) -> dist.Distribution:
+        loc, raw = out.chunk(2, dim=-1)
+        return DiscretizedLogistic(loc, softplus_floor(raw, self.floor)).to_event(1)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        super().check_data(x)
+        fix = (
+            "it models 8-bit intensities k/255: load uint8 data and divide by 255, "
+            "or use --binarize none with a continuous likelihood (--likelihood beta, "
+            "continuous-bernoulli or gaussian)"
+        )
+        _check_unit_interval(x, "discretized-logistic", fix)
+        off_grid = (x * (BINS - 1) - torch.round(x * (BINS - 1))).abs() / (BINS - 1)
+        n_off = (off_grid > 1e-6).sum().item()
+        if n_off:
+            raise ValueError(
+                f"the discretized-logistic likelihood needs data on the grid k/255, "
+                f"but {n_off} of {x.numel()} values are off it (by up to "
+                f"{off_grid.max().item():.3g}); {fix}"
+            )
 
 
 #: name -> factory(**options) returning a likelihood module. The builder passes every
@@ -129,5 +376,19 @@ LIKELIHOODS: dict[str, Callable[..., AbstractLikelihood]] = {
     "gaussian": lambda sigma=1.0, **_: GaussianLikelihood(sigma),
     "gaussian-learned": lambda sigma=1.0, sigma_floor=1e-3, **_: (
         LearnedGaussianLikelihood(sigma, sigma_floor)
+    ),
+    "gaussian-pixel": lambda data_dim=None, sigma=1.0, sigma_floor=1e-3, **_: (
+        PixelGaussianLikelihood(data_dim, sigma, sigma_floor)
+    ),
+    "gaussian-decoder": lambda sigma=1.0, sigma_floor=1e-3, **_: (
+        DecoderGaussianLikelihood(sigma, sigma_floor)
+    ),
+    "laplace": lambda sigma=1.0, sigma_floor=1e-3, **_: LaplaceLikelihood(
+        sigma, sigma_floor
+    ),
+    "continuous-bernoulli": lambda **_: ContinuousBernoulliLikelihood(),
+    "beta": lambda sigma_floor=1e-3, **_: BetaLikelihood(sigma_floor),
+    "discretized-logistic": lambda sigma_floor=1e-3, **_: DiscretizedLogisticLikelihood(
+        sigma_floor
     ),
 }

@@ -47,6 +47,8 @@ def make_data(likelihood_name: str, n: int = N) -> torch.Tensor:
     if likelihood_name == "bernoulli":
         x = (x > 0.5).to(x)
         assert set(x.unique().tolist()) == {0.0, 1.0}
+    if likelihood_name == "discretized-logistic":
+        x = torch.round(x * 255) / 255  # 8-bit intensities k/255
     return x
 
 
@@ -244,7 +246,7 @@ def test_likelihood_factories_take_and_ignore_options():
 
 @pytest.mark.parametrize("lik_name", sorted(LIKELIHOODS))
 def test_likelihood_shapes(lik_name):
-    lik = LIKELIHOODS[lik_name]()
+    lik = LIKELIHOODS[lik_name](data_dim=D)
     out = torch.randn(4, N, D * lik.params_per_feature)
     px = lik(out)
     assert px.event_shape == (D,)
@@ -297,7 +299,7 @@ def test_check_data_rejects_non_finite(lik_name):
     x = make_data(lik_name)
     x[1, 2] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        LIKELIHOODS[lik_name]().check_data(x)
+        LIKELIHOODS[lik_name](data_dim=D).check_data(x)
 
 
 @pytest.mark.parametrize("sigma", [0.0, -1.0, float("inf"), float("nan")])
