@@ -11,7 +11,15 @@ uses it on its pseudo-inputs). Networks are submodules.
 :data:`GUIDES` maps a command-line name to ``factory(make_encoder, latent_dim,
 **options)``, where ``make_encoder(out_features)`` builds the encoder network (MLP or
 conv, see :data:`ENCODERS`) with the output width the guide asks for; options a
-factory does not use are ignored.
+factory does not use are ignored. The guides, and whether torch has a closed-form KL
+from their q(z|x) to the standard-Normal prior ``Normal(0, 1).to_event(1)``:
+
+* ``diagonal``: N(mu, diag sigma^2), :mod:`.gaussian`; KL registered.
+* ``lowrank``: N(mu, F F^T + diag s^2), F of rank ``rank``, :mod:`.lowrank`; KL only
+  against a ``MultivariateNormal`` prior, not ``Independent(Normal)``.
+* ``fullrank``: N(mu, L L^T), :mod:`.fullrank`; likewise only against an MVN.
+* ``flow``: a diagonal Normal through ``flow_steps`` conditional IAF steps,
+  :mod:`.flow`; no closed form (except with 0 steps, the diagonal guide).
 """
 
 from __future__ import annotations
@@ -23,9 +31,20 @@ from torch import nn
 from pyro_vae.nn import mlp
 
 from .encoders import ENCODERS
+from .flow import FlowGuide
+from .fullrank import FullRankNormalGuide
 from .gaussian import DiagonalNormalGuide
+from .lowrank import LowRankNormalGuide
 
-__all__ = ["ENCODERS", "GUIDES", "DiagonalNormalGuide", "mlp_diagonal_guide"]
+__all__ = [
+    "ENCODERS",
+    "GUIDES",
+    "DiagonalNormalGuide",
+    "FlowGuide",
+    "FullRankNormalGuide",
+    "LowRankNormalGuide",
+    "mlp_diagonal_guide",
+]
 
 
 def mlp_diagonal_guide(
@@ -40,5 +59,20 @@ def mlp_diagonal_guide(
 GUIDES: dict[str, Callable[..., nn.Module]] = {
     "diagonal": lambda make_encoder, latent_dim, **_: DiagonalNormalGuide(
         make_encoder(2 * latent_dim), latent_dim
+    ),
+    "lowrank": lambda make_encoder, latent_dim, rank=2, **_: LowRankNormalGuide(
+        make_encoder(LowRankNormalGuide.out_features(latent_dim, rank)),
+        latent_dim,
+        rank,
+    ),
+    "fullrank": lambda make_encoder, latent_dim, **_: FullRankNormalGuide(
+        make_encoder(FullRankNormalGuide.out_features(latent_dim)), latent_dim
+    ),
+    "flow": lambda make_encoder, latent_dim, flow_steps=2, **_: FlowGuide(
+        make_encoder(
+            2 * latent_dim + FlowGuide.default_context_dim(latent_dim, flow_steps)
+        ),
+        latent_dim,
+        flow_steps,
     ),
 }
