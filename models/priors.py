@@ -143,8 +143,27 @@ class VampPrior(PyroModule):
     def forward(self) -> dist.Distribution:
         components = self.posterior(self.pseudo_inputs)
         k = self.raw_inputs.shape[0]
-        return dist.MixtureSameFamily(
+        return _ExpandedMixture(
             dist.Categorical(logits=self.raw_inputs.new_zeros(k)), components
+        )
+
+
+class _ExpandedMixture(dist.MixtureSameFamily):
+    """A mixture whose log_prob expands z over the components explicitly.
+
+    torch's MixtureSameFamily relies on broadcasting z ``(..., 1, d)`` against the
+    components ``(K, d)``; a conditional flow's inverse cannot broadcast its context
+    that way, so the VampPrior expands z to ``(..., K, d)`` first.
+    """
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(x)
+        k = self.mixture_distribution.logits.shape[-1]
+        z = x.unsqueeze(-2).expand(*x.shape[:-1], k, x.shape[-1])
+        log_q = self.component_distribution.log_prob(z)  # (..., K)
+        return torch.logsumexp(
+            log_q + self.mixture_distribution.logits.log_softmax(-1), -1
         )
 
 

@@ -148,3 +148,21 @@ def test_user_prior_on_the_linear_gaussian_oracle():
         exact = dist.MultivariateNormal(w @ model.prior.m + b, cov).log_prob(x_eval)
     z = (result.log_px - exact) / result.log_px_se
     assert z.abs().max() < 5, z
+
+
+@pytest.mark.parametrize("guide_name", ["diagonal", "flow"])
+def test_vamp_prior_is_the_mean_posterior_at_its_pseudo_inputs(guide_name):
+    # p(z) = (1/K) sum_k q(z | u_k), written out by hand against the prior's log_prob
+    cfg = FitConfig(
+        prior="vamp", guide=guide_name, pseudo_inputs=7, latent_dim=3, hidden=(16,)
+    )
+    model, guide = build_model_and_guide(cfg, 12)
+    z = torch.randn(4, 5, 3)
+    u = model.prior.pseudo_inputs
+    per_component = torch.stack(
+        [guide.posterior(u[k : k + 1]).log_prob(z) for k in range(7)], dim=-1
+    )
+    expected = torch.logsumexp(per_component, -1) - math.log(7)
+    actual = model.prior_dist().log_prob(z)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    assert ((u > 0) & (u < 1)).all()
