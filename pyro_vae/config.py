@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pyro_vae.errors import ConfigError
+from pyro_vae.losses.select import make_kernel
 
 __all__ = ["FitConfig", "resolve_device"]
 
@@ -142,6 +143,10 @@ class FitConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        try:
+            make_kernel(self.kernel, self.bandwidth)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def resolved_binarize(self) -> str:
         """What ``binarize="auto"`` means for this likelihood."""

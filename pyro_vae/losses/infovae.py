@@ -81,6 +81,8 @@ class Trace_InfoVAE(Trace_ELBO):  # noqa: N801 - Pyro's naming of losses
         self.kernel = kernel or Kernel()
         self.unbiased, self.latent_site = unbiased, latent_site
         self.mmd_weight = self.alpha + self.lam - 1.0
+        if abs(self.mmd_weight) < 1e-9:  # lam typed as 1 - alpha, up to rounding
+            self.mmd_weight = 0.0
         if self.mmd_weight < 0:
             warnings.warn(
                 f"InfoVAE with alpha + lam - 1 = {self.mmd_weight:g} < 0 puts a "

@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -60,8 +61,12 @@ class Kernel:
             raise ValueError(
                 f"unknown bandwidth rule {self.rule!r}; choose one of {BANDWIDTH_RULES}"
             )
-        if not self.bandwidth > 0 or not all(s > 0 for s in self.scales):
-            raise ValueError("kernel bandwidth and scales must be positive")
+        values = [self.bandwidth, *self.scales]
+        if not all(0 < v < math.inf for v in values):
+            raise ValueError(
+                f"kernel bandwidth and scales must be positive and finite, got "
+                f"bandwidth={self.bandwidth}, scales={tuple(self.scales)}"
+            )
 
     def scale(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """c for samples x ``(..., n, d)``, y ``(..., m, d)``; shape ``(..., 1, 1)``."""

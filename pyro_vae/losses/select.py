@@ -27,9 +27,10 @@ def make_kernel(name: str, bandwidth: str) -> Kernel:
         sigma = float(bandwidth)
     except ValueError:
         sigma = -1.0
-    if not sigma > 0:
+    if not 0 < sigma < float("inf"):
         raise ValueError(
-            f"--bandwidth must be dim, median or a positive number, got {bandwidth!r}"
+            "--bandwidth must be dim, median or a positive finite number, got "
+            f"{bandwidth!r}"
         )
     return Kernel(base, "fixed", sigma, scales)
 
