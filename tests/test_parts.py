@@ -166,3 +166,16 @@ def test_vamp_prior_is_the_mean_posterior_at_its_pseudo_inputs(guide_name):
     actual = model.prior_dist().log_prob(z)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
     assert ((u > 0) & (u < 1)).all()
+
+
+def test_meanfield_without_closed_form_kl_is_refused(tmp_path, capsys):
+    from pyro_vae.fit import main
+
+    argv = ["--prior", "mog", "--elbo", "meanfield", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert "--elbo meanfield needs KL(q(z|x) || p(z)) in closed form" in err
+    assert "use --elbo trace" in err and "Traceback" not in err
+    # a pair with a closed form still trains under meanfield
+    argv = ["--prior", "learned-normal", "--elbo", "meanfield", "--epochs", "1"]
+    assert main([*argv, "--quiet", "--eval-k", "0", "--out", str(tmp_path / "ok")]) == 0
