@@ -32,10 +32,12 @@ from pyro_vae.data import BINARIZATIONS, Splits, binarize_splits, evaluation_spl
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
 from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
+from pyro_vae.figures import save_figures
 from pyro_vae.guides import ENCODERS, GUIDES
 from pyro_vae.losses import LOSSES, make_objective
 from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
+from pyro_vae.report import build_report
 from pyro_vae.sources import DATASETS, load_dataset
 from pyro_vae.train import ELBOS, EpochStats, dataset_elbo, make_elbo, train
 
@@ -158,7 +160,6 @@ def run(cfg: FitConfig) -> Path:
     rundir.save_checkpoint(
         out, cfg, model, guide, optimizer, epoch=len(history), splits=splits
     )
-    rundir.save_figures(out, model, guide, splits, history)
     evaluation = None
     if cfg.eval_k:
         evaluation = evaluate_split(
@@ -171,6 +172,10 @@ def run(cfg: FitConfig) -> Path:
             split="test",
             binarization=rundir.binarization_note(binarize),
         )
+    log_px = None
+    if evaluation is not None:
+        log_px = (evaluation["log_px"]["mean"], evaluation["log_px"]["se"])
+    save_figures(out, model, guide, splits, history, log_px, seed=cfg.seed)
     latents = (
         evaluation["latents"]
         if evaluation is not None
@@ -187,6 +192,7 @@ def run(cfg: FitConfig) -> Path:
         evaluation,
         latents,
     )
+    report = build_report(out)
     if not cfg.quiet:
         print(rundir.summary(cfg, metrics, out))
         if evaluation is None:
@@ -194,6 +200,7 @@ def run(cfg: FitConfig) -> Path:
         else:
             print("\nimportance-sampled evaluation (evaluation.json):")
             print(format_summary(evaluation))
+        print(f"\nreport: {report}")
     return out
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pyro
 import torch
 from pyro import poutine
 
-__all__ = ["reconstruct", "sample_prior"]
+__all__ = ["decode", "encode_mean", "interpolate", "reconstruct", "sample_prior"]
 
 
 @torch.no_grad()
@@ -28,3 +29,34 @@ def sample_prior(model: Callable, x_like: torch.Tensor) -> torch.Tensor:
     """E[x | z] with z ~ p(z), one per row of ``x_like`` (used only for its shape)."""
     model_trace = poutine.trace(model).get_trace(x_like)
     return model_trace.nodes["x"]["fn"].mean
+
+
+@torch.no_grad()
+def decode(model: Callable, z: torch.Tensor, data_dim: int) -> torch.Tensor:
+    """E[x | z] for given codes z ``(N, d)``: the model run with its site z fixed."""
+    x_like = z.new_zeros(len(z), data_dim)
+    conditioned = poutine.condition(model, data={"z": z})
+    return poutine.trace(conditioned).get_trace(x_like).nodes["x"]["fn"].mean
+
+
+@torch.no_grad()
+def encode_mean(guide: Callable, x: torch.Tensor, draws: int = 64) -> torch.Tensor:
+    """E_q[z | x] per datum: the guide's own mean if it has one, else MC draws."""
+    try:
+        return guide.posterior(x).mean
+    except (AttributeError, NotImplementedError):
+        with pyro.plate("particles", draws, dim=-2):
+            trace = poutine.trace(guide).get_trace(x)
+        return trace.nodes["z"]["value"].mean(dim=0)
+
+
+@torch.no_grad()
+def interpolate(
+    model: Callable, guide: Callable, x_a: torch.Tensor, x_b: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """Decode straight lines in z from E_q[z|x_a] to E_q[z|x_b]: ``(N, steps, D)``."""
+    z_a, z_b = encode_mean(guide, x_a), encode_mean(guide, x_b)
+    t = torch.linspace(0, 1, steps).to(z_a)[None, :, None]
+    path = (1 - t) * z_a[:, None] + t * z_b[:, None]  # (N, steps, d)
+    flat = decode(model, path.reshape(-1, path.shape[-1]), x_a.shape[-1])
+    return flat.reshape(len(x_a), steps, -1)

@@ -14,6 +14,10 @@ import torch  # noqa: E402
 
 __all__ = [
     "image_grid",
+    "plot_denoising",
+    "plot_interpolation",
+    "plot_latent_scatter",
+    "plot_manifold",
     "plot_elbo",
     "plot_iwae_vs_k",
     "plot_khat",
@@ -29,7 +33,7 @@ def image_grid(
     h, w = image_shape[-2:]
     imgs = x.detach().float().cpu().reshape(len(x), -1, h, w).mean(dim=1).numpy()
     rows = -(-len(imgs) // cols)
-    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1))
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), 0.5)  # grey gutters
     for i, img in enumerate(imgs):
         r, c = divmod(i, cols)
         grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img
@@ -73,11 +77,26 @@ def plot_elbo(
     train_elbo: Sequence[float],
     valid_elbo: Sequence[float],
     path: str | Path,
+    log_px: tuple[float, float] | None = None,
 ) -> Path:
-    """Train and validation ELBO per epoch, in nats per datum."""
+    """Train and validation ELBO per epoch, in nats per datum.
+
+    ``log_px = (mean, se)`` marks the importance-sampled test log p̂(x) at the last
+    epoch, with a ±2 se bar.
+    """
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, train_elbo, label="train (running mean over the epoch)")
-    ax.plot(epochs, valid_elbo, label="validation")
+    ax.plot(epochs, train_elbo, label="train ELBO (running mean over the epoch)")
+    ax.plot(epochs, valid_elbo, label="validation ELBO")
+    if log_px is not None:
+        ax.errorbar(
+            [epochs[-1]],
+            [log_px[0]],
+            yerr=[2 * log_px[1]],
+            fmt="k*",
+            ms=10,
+            capsize=3,
+            label="test log p̂(x) ± 2 se (importance sampled)",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("ELBO (nats per datum, higher is better)")
     ax.set_title("Training curve")
@@ -121,4 +140,100 @@ def plot_khat(khat: np.ndarray, path: str | Path) -> Path:
     if len(finite) < len(khat):
         title += f" ({len(khat) - len(finite)} not fitted: too few samples)"
     ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_manifold(
+    grid: torch.Tensor, image_shape: Sequence[int], path: str | Path
+) -> Path:
+    """Decoded means over an n x n grid of prior quantiles of a 2-D latent.
+
+    ``grid`` is ``(n * n, D)``, row-major from the top-left (high z2, low z1).
+    """
+    n = int(round(len(grid) ** 0.5))
+    fig, ax = plt.subplots(figsize=(6.5, 6.5))
+    ax.imshow(image_grid(grid, image_shape, cols=n), cmap="gray", vmin=0, vmax=1)
+    ax.set_title(
+        f"2-D latent manifold: E[x|z] on a {n} x {n} grid of N(0, 1) quantiles"
+    )
+    ax.set_xlabel("z1: quantiles 0.05 → 0.95")
+    ax.set_ylabel("z2: quantiles 0.95 → 0.05")
+    ax.set_xticks([]), ax.set_yticks([])
+    return _save(fig, path)
+
+
+def plot_latent_scatter(
+    z: torch.Tensor,
+    labels: torch.Tensor | None,
+    path: str | Path,
+    method: str = "pca",
+) -> Path:
+    """E_q[z|x] of each datum in 2-D, coloured by label: the code itself when d = 2,
+    else its first two principal components, or t-SNE (``method="tsne"``)."""
+    z = z.detach().double().cpu().numpy()
+    if z.shape[1] == 2:
+        xy, axes = z, ("z1", "z2")
+    elif method == "tsne":
+        from sklearn.manifold import TSNE
+
+        xy, axes = (
+            TSNE(init="pca", random_state=0).fit_transform(z),
+            ("t-SNE 1", "t-SNE 2"),
+        )
+    else:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2).fit(z)
+        xy = pca.transform(z)
+        share = 100 * pca.explained_variance_ratio_
+        axes = (f"PC 1 ({share[0]:.0f}% of variance)", f"PC 2 ({share[1]:.0f}%)")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    colour = None if labels is None else labels.cpu().numpy()
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", s=6, alpha=0.8)
+    if labels is not None:
+        fig.colorbar(points, ax=ax, label="label")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(f"Latent means E_q[z|x] (d = {z.shape[1]}), coloured by label")
+    return _save(fig, path)
+
+
+def plot_denoising(
+    x_clean: torch.Tensor,
+    x_noisy: torch.Tensor,
+    x_rec: torch.Tensor,
+    image_shape: Sequence[int],
+    path: str | Path,
+    noise: str = "",
+) -> Path:
+    """Clean inputs, their noisy versions, and the reconstructions of the noisy ones."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    titles = (
+        "clean x",
+        f"noisy input {noise}".strip(),
+        "reconstruction of the noisy x",
+    )
+    for ax, data, title in zip(axes, (x_clean, x_noisy, x_rec), titles, strict=True):
+        ax.imshow(image_grid(data, image_shape, cols=4), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.axis("off")
+    fig.suptitle("Denoising: E[x|z] with z ~ q(z | noisy x)")
+    return _save(fig, path)
+
+
+def plot_interpolation(
+    paths: torch.Tensor, image_shape: Sequence[int], path: str | Path
+) -> Path:
+    """Rows of decoded straight lines in z between two data: ``(rows, steps, D)``."""
+    rows, steps, _ = paths.shape
+    fig, ax = plt.subplots(figsize=(1.0 * steps, 1.1 * rows + 0.6))
+    ax.imshow(
+        image_grid(paths.reshape(rows * steps, -1), image_shape, cols=steps),
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+    )
+    ax.set_title("Interpolation: E[x|z] along z = (1 - t) E_q[z|x_a] + t E_q[z|x_b]")
+    ax.set_xlabel("t: 0 (x_a) → 1 (x_b)")
+    ax.set_xticks([]), ax.set_yticks([])
     return _save(fig, path)

@@ -4,7 +4,7 @@
 * ``history.csv``: epoch, train_elbo, valid_elbo, seconds, train_loss (nats per datum);
 * ``metrics.json``: final ELBOs per split, wall time, device, package versions;
 * ``checkpoint.pt``: model, guide and optimizer state plus the config, atomic;
-* ``figures/``: ``reconstructions.png``, ``samples.png``, ``elbo.png``.
+* ``figures/``: drawn by :mod:`pyro_vae.figures`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ from typing import Any
 
 import torch
 
-from pyro_vae import plots
 from pyro_vae.checkpoint import save_checkpoint as _atomic_save
 from pyro_vae.config import FitConfig
 from pyro_vae.data import BINARIZE_SEED, Splits
-from pyro_vae.generate import reconstruct, sample_prior
 from pyro_vae.train import EpochStats
 
 __all__ = [
@@ -34,7 +32,6 @@ __all__ = [
     "create",
     "package_versions",
     "save_checkpoint",
-    "save_figures",
     "save_metrics",
     "summary",
 ]
@@ -80,33 +77,6 @@ def save_checkpoint(
         "versions": package_versions(),
     }
     return _atomic_save(payload, out / "checkpoint.pt")
-
-
-def save_figures(
-    out: Path,
-    model: torch.nn.Module,
-    guide: torch.nn.Module,
-    splits: Splits,
-    history: list[EpochStats],
-) -> None:
-    """Reconstructions of test data, prior samples and the ELBO curve."""
-    x = splits.test[:N_PICTURES]
-    figures = out / "figures"
-    plots.plot_reconstructions(
-        x,
-        reconstruct(model, guide, x),
-        splits.image_shape,
-        figures / "reconstructions.png",
-    )
-    plots.plot_samples(
-        sample_prior(model, x), splits.image_shape, figures / "samples.png"
-    )
-    plots.plot_elbo(
-        [h.epoch for h in history],
-        [h.train_elbo for h in history],
-        [h.valid_elbo for h in history],
-        figures / "elbo.png",
-    )
 
 
 def save_metrics(

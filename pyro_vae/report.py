@@ -1,0 +1,151 @@
+"""``python -m pyro_vae.report RUN_DIR``: one Markdown file that tells a run's story.
+
+``report.md`` holds the config, a metrics table (ELBO per split, the test log p̂(x) ±
+Monte Carlo se, the gap, the k̂ summary, active units, MMD to the prior) and every
+figure in ``figures/`` inline. It is rebuilt from the files of the run directory
+alone (``config.json``, ``metrics.json``, ``evaluation.json`` when present,
+``figures/*.png``), so it can be made again at any time; ``fit`` writes it at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyro_vae.errors import PyroVAEError
+
+__all__ = ["FIGURE_ORDER", "build_report", "main"]
+
+FIGURE_ORDER = (
+    ("elbo", "Training curve: train and validation ELBO per epoch"),
+    ("reconstructions", "Reconstructions: test inputs and E[x|z], z ~ q(z|x)"),
+    ("samples", "Prior samples: E[x|z], z ~ p(z)"),
+    ("manifold", "2-D latent manifold: a grid of prior quantiles decoded"),
+    ("latent", "Latent means of the test data, coloured by label"),
+    ("denoising", "Denoising: noisy inputs and their reconstructions"),
+    ("interpolation", "Interpolation between test images in latent space"),
+    ("iwae_vs_k", "IWAE_k against k: from the ELBO to log p̂(x)"),
+    ("khat", "PSIS k̂ of each test datum's importance weights"),
+)
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as err:
+        raise PyroVAEError(
+            f"{path} is not valid JSON ({err}); re-run the step that wrote it"
+        ) from None
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _metrics_rows(metrics: dict, evaluation: dict) -> list[str]:
+    rows = ["| quantity | value | notes |", "|---|---|---|"]
+    for split in ("train", "valid", "test"):
+        if f"{split}_elbo" in metrics:
+            rows.append(
+                f"| ELBO, {split} | {_fmt(metrics[f'{split}_elbo'])} | "
+                f"{metrics.get('estimator', '')} |"
+            )
+    if evaluation:
+        lp, gap, khat = evaluation["log_px"], evaluation["gap"], evaluation["khat"]
+        rows += [
+            f"| log p̂(x), {evaluation['split']} | {_fmt(lp['mean'])} ± {_fmt(lp['se'])}"
+            f" | importance sampling, K = {evaluation['k']}, n = {evaluation['n']}; "
+            "± Monte Carlo se |",
+            f"| gap log p̂(x) − ELBO | {_fmt(gap['mean'])} ± {_fmt(gap['se'])} | "
+            "estimates E KL(q(z|x) ‖ p(z|x)) |",
+            f"| k̂ > 0.7 | {100 * khat['fraction_above_0.7']:.1f}% of data | "
+            f"mean {_fmt(khat['mean'])}, max {_fmt(khat['max'])}; above 0.7 the "
+            "estimate is unreliable |",
+        ]
+        for k, v in evaluation["iwae"].items():
+            if 1 < int(k) < evaluation["k"]:
+                rows.append(f"| IWAE_{k} | {_fmt(v['mean'])} ± {_fmt(v['se'])} | |")
+    latents = evaluation.get("latents") or metrics.get("test_latents")
+    if latents:
+        rows += [
+            f"| active units | {latents['active_units']} of {latents['latent_dim']} | "
+            "Cov_x E_q[z_d] > 0.01 |",
+            f"| MMD²(q(z), p(z)) | {_fmt(latents['mmd'], 4)} | RBF kernel, c = 2d |",
+            f"| log det Cov[q(z)] | {_fmt(latents['log_det_cov'])} | 0 for N(0, I) |",
+            f"| I(x; z) | {_fmt(latents['mutual_information'])} | nats, at most "
+            f"{_fmt(latents['mutual_information_max'], 2)} |",
+        ]
+    return rows
+
+
+def build_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``RUN_DIR/report.md`` from the run's files; return its path."""
+    run_dir = Path(run_dir)
+    config = _read(run_dir / "config.json")
+    if not config:
+        raise PyroVAEError(
+            f"{run_dir} has no config.json: give a run directory written by "
+            "pyro_vae.fit"
+        )
+    metrics, evaluation = (
+        _read(run_dir / "metrics.json"),
+        _read(run_dir / "evaluation.json"),
+    )
+    units = "nats per datum, higher is better"
+    lines = [
+        f"# Run report: {run_dir.name}",
+        "",
+        f"{config.get('dataset')} · {config.get('likelihood')} likelihood · "
+        f"{config.get('prior')} prior · {config.get('guide')} guide · "
+        f"{config.get('arch', 'mlp')} networks · latent {config.get('latent_dim')} · "
+        f"loss {config.get('loss', 'elbo')}",
+        "",
+        f"Binarization: {metrics.get('binarization', 'n/a')}. Wall time "
+        f"{_fmt(metrics.get('wall_seconds'), 1)} s on {metrics.get('device', 'n/a')}.",
+        "",
+        f"## Metrics ({units})",
+        "",
+        *_metrics_rows(metrics, evaluation),
+        "",
+        "## Figures",
+        "",
+    ]
+    for name, caption in FIGURE_ORDER:
+        if (run_dir / "figures" / f"{name}.png").is_file():
+            lines += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
+    lines += [
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config, indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    path = run_dir / "report.md"
+    tmp = run_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rebuild the report of the run directory given as the only argument."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print("usage: python -m pyro_vae.report RUN_DIR", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    try:
+        print(build_report(argv[0]))
+    except PyroVAEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
