@@ -28,17 +28,18 @@ from tqdm.auto import tqdm
 from pyro_vae import rundir
 from pyro_vae.build import build_model_and_guide
 from pyro_vae.config import FitConfig, resolve_device
-from pyro_vae.data import BINARIZATIONS, Splits, binarize_splits, evaluation_split
+from pyro_vae.data import BINARIZATIONS, Splits, evaluation_split
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
 from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
 from pyro_vae.figures import save_figures
 from pyro_vae.guides import ENCODERS, GUIDES
+from pyro_vae.load import load_run_data
 from pyro_vae.losses import LOSSES, make_objective
 from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
 from pyro_vae.report import build_report
-from pyro_vae.sources import DATASETS, load_dataset
+from pyro_vae.sources import DATASETS
 from pyro_vae.train import ELBOS, EpochStats, dataset_elbo, make_elbo, train
 
 __all__ = ["build_parser", "main", "parse_args", "run"]
@@ -115,19 +116,12 @@ def run(cfg: FitConfig) -> Path:
     pyro.set_rng_seed(cfg.seed)
     device = resolve_device(cfg.device)
     binarize = cfg.resolved_binarize()
-    splits = load_dataset(
-        cfg.dataset,
-        data_dir=cfg.data_dir,
-        data_path=cfg.data_path,
-        valid_fraction=cfg.valid_fraction,
-        download=cfg.download,
-    )
+    splits = load_run_data(cfg, device)
     if cfg.batch_size > len(splits.train):
         raise ConfigError(
             f"--batch-size {cfg.batch_size} exceeds the {len(splits.train)} training "
             f"data of {cfg.dataset}; use at most {len(splits.train)}"
         )
-    splits = binarize_splits(splits.to(device), binarize)
     model, guide = build_model_and_guide(cfg, splits.data_dim, splits.image_shape)
     model, guide = model.to(device, torch.float32), guide.to(device, torch.float32)
     _check_support(model.likelihood, splits, binarize)
