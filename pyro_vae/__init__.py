@@ -8,4 +8,11 @@ line. Importing this package has no side effects.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def load(run_dir: str, device: str = "cpu"):  # noqa: ANN201 - TrainedVAE, lazily
+    """Load a trained run: see :func:`pyro_vae.loading.load`."""
+    from pyro_vae.loading import load as _load  # imported here: no import side effects
+
+    return _load(run_dir, device)

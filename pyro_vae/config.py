@@ -86,6 +86,8 @@ class FitConfig:
         1000, "importance samples per datum for the final test log p(x); 0 skips it"
     )
     # run
+    checkpoint_every: int = _f(1, "write checkpoint.pt every N epochs (and at the end)")
+    grad_clip: float = _f(0.0, "clip the global gradient norm to this; 0 is off")
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:I")
     seed: int = _f(0, "seeds torch, numpy and python")
     out: str | None = _f(None, "run directory; default runs/<dataset>-<timestamp>")
@@ -131,6 +133,14 @@ class FitConfig:
             ),
             (self.flow_steps >= 0, f"--flow-steps must be >= 0, got {self.flow_steps}"),
             (self.df > 0, f"--df must be positive, got {self.df}"),
+            (
+                self.checkpoint_every >= 1,
+                f"--checkpoint-every must be >= 1, got {self.checkpoint_every}",
+            ),
+            (
+                0 <= self.grad_clip < math.inf,
+                f"--grad-clip must be >= 0 (0 is off), got {self.grad_clip}",
+            ),
             (
                 self.beta >= 0 and math.isfinite(self.beta),
                 f"--beta must be >= 0, got {self.beta}",

@@ -31,6 +31,8 @@ __all__ = [
     "binarization_note",
     "create",
     "package_versions",
+    "read_history",
+    "rewrite_history",
     "save_checkpoint",
     "save_metrics",
     "summary",
@@ -57,26 +59,45 @@ def append_history(out: Path, stats: EpochStats) -> None:
 
 
 def save_checkpoint(
-    out: Path,
-    cfg: FitConfig,
-    model: torch.nn.Module,
-    guide: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    epoch: int,
-    splits: Splits,
+    out: Path, cfg: FitConfig, state: dict[str, Any], splits: Splits
 ) -> Path:
-    """Write ``checkpoint.pt`` atomically (see :mod:`pyro_vae.checkpoint`)."""
+    """Write ``checkpoint.pt`` atomically from a :func:`pyro_vae.resume.snapshot`."""
     payload = {
-        "model": model.state_dict(),
-        "guide": guide.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        **state,
         "config": asdict(cfg),
         "data_dim": splits.data_dim,
         "image_shape": list(splits.image_shape),
-        "epoch": epoch,
         "versions": package_versions(),
     }
     return _atomic_save(payload, out / "checkpoint.pt")
+
+
+def read_history(out: Path, up_to_epoch: int | None = None) -> list[EpochStats]:
+    """The rows of ``history.csv`` (those up to ``up_to_epoch``, if given)."""
+    with open(out / "history.csv", newline="") as f:
+        rows = [
+            EpochStats(
+                epoch=int(r["epoch"]),
+                train_elbo=float(r["train_elbo"]),
+                valid_elbo=float(r["valid_elbo"]),
+                seconds=float(r["seconds"]),
+                train_loss=float(r["train_loss"]),
+                step=int(r["step"]),
+            )
+            for r in csv.DictReader(f)
+        ]
+    return [r for r in rows if up_to_epoch is None or r.epoch <= up_to_epoch]
+
+
+def rewrite_history(out: Path, rows: list[EpochStats]) -> None:
+    """Replace ``history.csv`` with ``rows`` (a resumed run drops later epochs)."""
+    tmp = out / ".history.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(HISTORY_FIELDS)
+        for stats in rows:
+            writer.writerow([getattr(stats, name) for name in HISTORY_FIELDS])
+    os.replace(tmp, out / "history.csv")
 
 
 def save_metrics(

@@ -35,6 +35,7 @@ __all__ = [
     "ELBOS",
     "EpochStats",
     "NonFiniteLossError",
+    "TrainingInterrupted",
     "dataset_elbo",
     "make_elbo",
     "train",
@@ -52,7 +53,8 @@ class EpochStats:
     """One row of ``history.csv``: ELBOs in nats per datum (higher is better).
 
     ``train_loss`` is the objective that was minimized, per datum: -train_elbo for the
-    ELBO, the InfoVAE objective for :class:`pyro_vae.losses.Trace_InfoVAE`.
+    ELBO, the InfoVAE objective for :class:`pyro_vae.losses.Trace_InfoVAE`. ``step``
+    counts optimizer steps since the run began.
     """
 
     epoch: int
@@ -60,6 +62,7 @@ class EpochStats:
     valid_elbo: float
     seconds: float
     train_loss: float
+    step: int = 0
 
 
 def make_elbo(name: str, num_particles: int = 1) -> ELBO:
@@ -92,8 +95,13 @@ def train(
     dynamic_binarization: bool = False,
     progress: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 1,
+    start_step: int = 0,
+    grad_clip: float = 0.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[EpochStats], torch.optim.Optimizer]:
-    """Train ``model`` and ``guide`` by SVI with Adam.
+    """Train ``model`` and ``guide`` by SVI with Adam, epochs start_epoch..epochs.
 
     Args:
         model, guide: Pyro programs taking one batch ``(B, D)``; see
@@ -106,40 +114,51 @@ def train(
             training batch is then computed beside it, without gradients.
         dynamic_binarization: draw each training batch as Bernoulli(train_x[idx]).
         progress: show a tqdm bar over epochs.
-        on_epoch: called with each epoch's stats (e.g. to write history).
+        on_epoch: called with each epoch's stats (e.g. to write history and
+            checkpoints).
+        optimizer: an optimizer to continue (a resumed run); by default a new Adam
+            over the model's and guide's parameters.
+        start_epoch, start_step: where a resumed run picks up.
+        grad_clip: clip the global gradient norm to this value; 0 leaves it.
+        should_stop: polled after every step; when it returns True training stops
+            with :class:`TrainingInterrupted` (e.g. on SIGINT).
 
     Returns:
-        The per-epoch history and the optimizer (its state, for checkpoints).
+        The history of the epochs run and the optimizer (for checkpoints).
 
     Raises:
         NonFiniteLossError: when a loss is NaN or inf; the step is not taken.
+        TrainingInterrupted: when ``should_stop()`` turned True.
     """
     elbo_fn = elbo(model, guide)
     loss_fn = elbo_fn if objective is None else objective(model, guide)
-    optimizer = torch.optim.Adam(loss_fn.parameters(), lr=lr)
+    optimizer = optimizer or torch.optim.Adam(loss_fn.parameters(), lr=lr)
     history: list[EpochStats] = []
-    bar = tqdm(
-        range(1, epochs + 1), disable=not progress, unit="epoch", file=sys.stderr
-    )
-    step = 0
+    step = start_step
+    epoch_range = range(start_epoch, epochs + 1)
+    bar = tqdm(epoch_range, disable=not progress, unit="epoch", file=sys.stderr)
     for epoch in bar:
         start = time.perf_counter()
+        loss_fn.train()  # train mode for every network in the model and guide
         total_loss = torch.zeros((), device=train_x.device, dtype=torch.float64)
         total_elbo = torch.zeros_like(total_loss)
-        loss_fn.train()  # train mode for every network in the model and guide
         for x in batches(
             train_x, batch_size, shuffle=True, dynamic=dynamic_binarization
         ):
             step += 1
-            loss = loss_fn(x)
-            _check_finite(loss, epoch, step, history)
+            loss = _loss(loss_fn, x, epoch, step, history)
             optimizer.zero_grad(set_to_none=True)
             (loss / len(x)).backward()
+            if grad_clip:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
             total_loss += loss.detach().double()
             if objective is not None:
                 with torch.no_grad():
                     total_elbo -= elbo_fn(x).double()
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(epoch, step)
         loss_fn.eval()
         if objective is None:
             total_elbo = -total_loss
@@ -149,6 +168,7 @@ def train(
             valid_elbo=dataset_elbo(elbo_fn, valid_x, batch_size),
             seconds=time.perf_counter() - start,
             train_loss=total_loss.item() / len(train_x),
+            step=step,
         )
         history.append(stats)
         bar.set_postfix(
@@ -157,6 +177,34 @@ def train(
         if on_epoch is not None:
             on_epoch(stats)
     return history, optimizer
+
+
+class TrainingInterrupted(PyroVAEError):
+    """Training was asked to stop (a signal) in the middle of an epoch."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"training interrupted at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def _loss(
+    loss_fn: torch.nn.Module,
+    x: torch.Tensor,
+    epoch: int,
+    step: int,
+    history: list[EpochStats],
+) -> torch.Tensor:
+    """The batch loss, checked finite before any optimizer step may use it."""
+    try:
+        loss = loss_fn(x)
+    except ValueError as err:
+        # Under validation a NaN reaches a distribution's parameters first, and
+        # torch refuses them ("... but found invalid values"): the same failure.
+        if "found invalid values" not in str(err):
+            raise
+        loss = torch.tensor(float("nan"))
+    _check_finite(loss, epoch, step, history)
+    return loss
 
 
 def _check_finite(

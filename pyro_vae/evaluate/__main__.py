@@ -15,7 +15,7 @@ from pyro_vae.config import resolve_device
 from pyro_vae.data import evaluation_split
 from pyro_vae.errors import PyroVAEError
 from pyro_vae.evaluate.report import evaluate_split, format_summary
-from pyro_vae.load import load_run, load_run_data
+from pyro_vae.loading import load_run, load_run_data
 from pyro_vae.rundir import binarization_note
 
 __all__ = ["build_parser", "main"]

@@ -1,0 +1,318 @@
+"""One training session: set up, train with checkpoints, survive signals, finish.
+
+``run(cfg)`` starts a run directory; ``run(cfg, resume=RUN_DIR)`` continues one from
+its ``checkpoint.pt``. At the end of every epoch a snapshot of the training state
+(:mod:`pyro_vae.resume`) is taken; every ``checkpoint_every`` epochs, and at the end,
+it is written atomically. SIGINT (Ctrl-C) and SIGTERM stop training after the current
+step: the last epoch's snapshot is written and :class:`Interrupted` carries the exit
+status (130, 143). A non-finite loss stops training the same way, after writing the
+last good snapshot. Resuming restores weights, optimizer and every RNG, so a resumed
+run computes the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO
+from torch.distributions import kl_divergence
+from torch.nn import Module
+from torch.optim import Optimizer
+from tqdm.auto import tqdm
+
+from pyro_vae import rundir
+from pyro_vae.build import build_model_and_guide
+from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.config import FitConfig, resolve_device
+from pyro_vae.data import Splits, evaluation_split
+from pyro_vae.errors import ConfigError, DataError, PyroVAEError
+from pyro_vae.evaluate.latents import latent_diagnostics
+from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
+from pyro_vae.figures import save_figures
+from pyro_vae.loading import load_run_data
+from pyro_vae.losses import make_objective
+from pyro_vae.report import build_report
+from pyro_vae.resume import restore_rng, snapshot
+from pyro_vae.train import (
+    EpochStats,
+    NonFiniteLossError,
+    TrainingInterrupted,
+    dataset_elbo,
+    make_elbo,
+    train,
+)
+
+__all__ = ["Interrupted", "run"]
+
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Interrupted(PyroVAEError):
+    """Training stopped on a signal; a checkpoint was written. ``status``: 130/143."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM instead of dying, so training can stop cleanly."""
+    caught: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.getsignal(sig) for sig in EXIT_STATUS}
+    try:
+        for sig in EXIT_STATUS:
+            signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
+    try:
+        yield caught
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
+    """Train the VAE ``cfg`` describes, or continue ``resume``; write its files."""
+    started = time.perf_counter()
+    pyro.settings.set(module_local_params=True)
+    pyro.set_rng_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    binarize = cfg.resolved_binarize()
+    splits = load_run_data(cfg, device)
+    if cfg.batch_size > len(splits.train):
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} exceeds the {len(splits.train)} training "
+            f"data of {cfg.dataset}; use at most {len(splits.train)}"
+        )
+    model, guide = build_model_and_guide(cfg, splits.data_dim, splits.image_shape)
+    model, guide = model.to(device, torch.float32), guide.to(device, torch.float32)
+    _check_support(model.likelihood, splits, binarize)
+    if cfg.elbo == "meanfield":
+        _check_closed_form_kl(model, guide, splits.valid[:2], cfg)
+    optimizer = torch.optim.Adam(
+        torch.nn.ModuleList([model, guide]).parameters(), lr=cfg.lr
+    )
+    if resume is None:
+        out, state = rundir.create(cfg), snapshot(model, guide, optimizer, 0, 0)
+    else:
+        out, state = Path(resume), _restore(Path(resume), model, guide, optimizer)
+        (out / "config.json").write_text(cfg.to_json() + "\n")
+    history = _train_with_checkpoints(cfg, model, guide, optimizer, splits, out, state)
+    return _finish(cfg, model, guide, splits, out, history, device, started)
+
+
+def _restore(out: Path, model: Module, guide: Module, optimizer: Optimizer) -> dict:
+    """Load the checkpoint of ``out`` into the parts; return its snapshot."""
+    payload = load_checkpoint(out / "checkpoint.pt")
+    try:
+        model.load_state_dict(payload["model"])
+        guide.load_state_dict(payload["guide"])
+        optimizer.load_state_dict(payload["optimizer"])
+        restore_rng(payload["rng"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise ConfigError(
+            f"{out / 'checkpoint.pt'} does not fit this run's networks or lacks "
+            f"resume state ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
+    rundir.rewrite_history(out, rundir.read_history(out, payload["epoch"]))
+    return {
+        key: payload[key]
+        for key in ("model", "guide", "optimizer", "epoch", "step", "rng")
+    }
+
+
+def _train_with_checkpoints(
+    cfg: FitConfig,
+    model: Module,
+    guide: Module,
+    optimizer: Optimizer,
+    splits: Splits,
+    out: Path,
+    state: dict,
+) -> list[EpochStats]:
+    """Train from ``state`` to ``cfg.epochs``, checkpointing; stop on signals."""
+    last = [state]  # the latest end-of-epoch snapshot: what a stop writes
+
+    def on_epoch(stats: EpochStats) -> None:
+        _report_epoch(out, stats, cfg)
+        last[0] = snapshot(model, guide, optimizer, stats.epoch, stats.step)
+        if stats.epoch % cfg.checkpoint_every == 0 or stats.epoch == cfg.epochs:
+            rundir.save_checkpoint(out, cfg, last[0], splits)
+
+    with _stop_on_signals() as caught:
+        try:
+            train(
+                model,
+                guide,
+                splits.train,
+                splits.valid,
+                elbo=make_elbo(cfg.elbo, cfg.num_particles),
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                objective=_objective(cfg),
+                dynamic_binarization=cfg.resolved_binarize() == "dynamic",
+                progress=not cfg.quiet and sys.stderr.isatty(),
+                on_epoch=on_epoch,
+                optimizer=optimizer,
+                start_epoch=state["epoch"] + 1,
+                start_step=state["step"],
+                grad_clip=cfg.grad_clip,
+                should_stop=lambda: bool(caught),
+            )
+        except TrainingInterrupted as stop:
+            path = rundir.save_checkpoint(out, cfg, last[0], splits)
+            raise Interrupted(
+                f"{signal.Signals(caught[0]).name}: {stop}. Saved {path} at the end of "
+                f"epoch {last[0]['epoch']}; resume with: python -m pyro_vae.fit "
+                f"--resume {out}",
+                EXIT_STATUS[caught[0]],
+            ) from None
+        except NonFiniteLossError as err:
+            path = rundir.save_checkpoint(out, cfg, last[0], splits)
+            raise NonFiniteLossError(
+                f"{err} The last good state (end of epoch {last[0]['epoch']}) is in "
+                f"{path}; resume with --resume {out} --lr SMALLER, or --grad-clip."
+            ) from None
+    return rundir.read_history(out)
+
+
+def _finish(
+    cfg: FitConfig,
+    model: Module,
+    guide: Module,
+    splits: Splits,
+    out: Path,
+    history: list[EpochStats],
+    device: torch.device,
+    started: float,
+) -> Path:
+    """Final ELBOs, the importance-sampled evaluation, figures, metrics, report."""
+    binarize = cfg.resolved_binarize()
+    loss_fn = make_elbo(cfg.elbo, cfg.num_particles)(model, guide)
+    final = {
+        split: dataset_elbo(
+            loss_fn, evaluation_split(splits, split, binarize), cfg.batch_size
+        )
+        for split in ("train", "valid", "test")
+    }
+    evaluation = None
+    if cfg.eval_k:
+        evaluation = evaluate_split(
+            model,
+            guide,
+            splits.test,
+            out,
+            k=cfg.eval_k,
+            seed=cfg.seed,
+            split="test",
+            binarization=rundir.binarization_note(binarize),
+        )
+    log_px = None
+    if evaluation is not None:
+        log_px = (evaluation["log_px"]["mean"], evaluation["log_px"]["se"])
+    save_figures(out, model, guide, splits, history, log_px, seed=cfg.seed)
+    latents = (
+        evaluation["latents"]
+        if evaluation is not None
+        else latent_diagnostics(model, guide, splits.test, seed=cfg.seed)
+    )
+    metrics = rundir.save_metrics(
+        out,
+        cfg,
+        final,
+        splits,
+        device,
+        binarize,
+        time.perf_counter() - started,
+        evaluation,
+        latents,
+    )
+    report = build_report(out)
+    if not cfg.quiet:
+        print(rundir.summary(cfg, metrics, out))
+        if evaluation is None:
+            print(latents_line(latents) + " (test split)")
+        else:
+            print("\nimportance-sampled evaluation (evaluation.json):")
+            print(format_summary(evaluation))
+        print(f"\nreport: {report}")
+    return out
+
+
+def _objective(cfg: FitConfig) -> ELBO | None:
+    """None for the plain ELBO (``--elbo`` picks it), else the InfoVAE-family loss."""
+    if cfg.loss == "elbo":
+        return None
+    try:
+        return make_objective(
+            cfg.loss,
+            alpha=cfg.alpha,
+            lam=cfg.lam,
+            beta=cfg.beta,
+            kernel=cfg.kernel,
+            bandwidth=cfg.bandwidth,
+            num_particles=cfg.num_particles,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _report_epoch(out: Path, stats: EpochStats, cfg: FitConfig) -> None:
+    rundir.append_history(out, stats)
+    if not cfg.quiet:
+        line = (
+            f"epoch {stats.epoch:>4}/{cfg.epochs}  ELBO (nats per datum, higher is "
+            f"better): train {stats.train_elbo:9.3f}  valid {stats.valid_elbo:9.3f}"
+        )
+        if cfg.loss != "elbo":
+            line += f"  {cfg.loss} loss {stats.train_loss:9.3f}"
+        tqdm.write(line)
+
+
+def _check_closed_form_kl(
+    model: torch.nn.Module, guide: torch.nn.Module, x: torch.Tensor, cfg: FitConfig
+) -> None:
+    """``--elbo meanfield`` needs KL(q(z|x) || p(z)) in closed form: refuse otherwise.
+
+    Pyro's TraceMeanField_ELBO silently falls back to a Monte Carlo KL; pyro_vae
+    refuses instead, so that "meanfield" always means the analytic KL.
+    """
+    with torch.no_grad(), torch.random.fork_rng():
+        guide_trace = poutine.trace(guide).get_trace(x)
+        model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(x)
+    q, p = guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
+    try:
+        kl_divergence(q, p)
+    except NotImplementedError:
+        raise ConfigError(
+            f"--elbo meanfield needs KL(q(z|x) || p(z)) in closed form, and there is "
+            f"none for the {cfg.guide} guide ({type(q).__name__}) against the "
+            f"{cfg.prior} prior ({type(p).__name__}); use --elbo trace (a Monte Carlo "
+            "KL) for this pair"
+        ) from None
+
+
+def _check_support(likelihood: object, splits: Splits, binarize: str) -> None:
+    """Every split the likelihood will score must lie in its support."""
+    scored = [splits.valid, splits.test]
+    if binarize != "dynamic":  # dynamic batches are Bernoulli draws: binary by design
+        scored.append(splits.train)
+    try:
+        for x in scored:
+            likelihood.check_data(x)
+    except ValueError as err:
+        raise DataError(str(err)) from None
