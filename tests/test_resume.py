@@ -213,3 +213,15 @@ def test_data_validator_never_crashes(array):
     assert x.dtype == torch.float32 and x.ndim == 2 and x.numel() > 0
     assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
     assert int(np.prod(shape)) == x.shape[1]
+
+
+def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    payload["config"]["latent_dim"] = 7  # the weights are for 3
+    torch.save(payload, out / "checkpoint.pt")
+    with pytest.raises(pyro_vae.checkpoint.CheckpointError, match="does not fit"):
+        pyro_vae.load(out)
+    assert main(["--resume", str(out), "--epochs", "2"]) == 1
+    assert "does not fit this run's networks" in capsys.readouterr().err
