@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
             flush=True,
         )
     shape = splits.image_shape
-    fig, axes = plt.subplots(2, 3, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     axes[0, 0].imshow(image_grid(x_show, shape), cmap="gray", vmin=0, vmax=1)
     axes[0, 0].set_title("test images x")
     axes[1, 0].axis("off")
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
             f"log p̂(x) = {lp['mean']:.2f} ± {lp['se']:.2f} nats"
         )
         axes[1, col].imshow(image_grid(samples, shape), cmap="gray", vmin=0, vmax=1)
-        axes[1, col].set_title(f"{name}: prior samples E[x|z], z ~ p(z)")
+        axes[1, col].set_title(f"{name}: prior samples E[x|z]")
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(
