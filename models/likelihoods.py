@@ -323,6 +323,12 @@ class BetaLikelihood(AbstractLikelihood):
     def check_data(self, x: torch.Tensor) -> None:
         super().check_data(x)
         _check_unit_interval(x, "beta", _UNIT_FIX)
+        if bool(((x == 0) | (x == 1)).all()):
+            raise ValueError(
+                "the beta likelihood needs grey levels in (0, 1), but the data are all "
+                "0 or 1 (binarized?), where a clamped Beta density is unbounded. Use "
+                "--likelihood bernoulli for binary data, or --binarize none."
+            )
 
 
 class DiscretizedLogisticLikelihood(AbstractLikelihood):

@@ -35,7 +35,7 @@ class FitConfig:
         "data", "folder for torchvision datasets (download or IDX files)"
     )
     data_path: str | None = _f(None, ".npz file with x_train, x_test for --dataset npz")
-    download: bool = _f(True, "let torchvision download missing files")
+    download: bool = _f(True, "never download: use only local IDX files")
     valid_fraction: float = _f(
         0.1, "share of the training data held out for validation"
     )
@@ -48,7 +48,9 @@ class FitConfig:
     prior: str = _f("normal", "prior p(z)")
     likelihood: str = _f("bernoulli", "likelihood p(x|z)")
     sigma: float = _f(1.0, "Gaussian noise sd (fixed), or its initial value (learned)")
-    sigma_floor: float = _f(1e-3, "smallest sd a learned Gaussian likelihood may reach")
+    sigma_floor: float = _f(
+        1e-3, "floor of every learned or predicted scale of a likelihood"
+    )
     guide: str = _f("diagonal", "guide q(z|x)")
     arch: str = _f("mlp", "networks: mlp, or conv (images: sized from H x W x C)")
     components: int = _f(10, "mixture components of the mog prior")
@@ -119,8 +121,8 @@ class FitConfig:
                 f"--hidden widths must be positive, got {self.hidden}",
             ),
             (
-                self.sigma > 0 and math.isfinite(self.sigma),
-                f"--sigma must be positive, got {self.sigma}",
+                1e-6 <= self.sigma < math.inf,
+                f"--sigma must be at least 1e-6 and finite, got {self.sigma}",
             ),
             (
                 self.elbo in ("trace", "meanfield"),
@@ -132,7 +134,10 @@ class FitConfig:
                 f"{self.components}, {self.pseudo_inputs}, {self.rank}",
             ),
             (self.flow_steps >= 0, f"--flow-steps must be >= 0, got {self.flow_steps}"),
-            (self.df > 0, f"--df must be positive, got {self.df}"),
+            (
+                0 < self.df < math.inf,
+                f"--df must be positive and finite, got {self.df}",
+            ),
             (
                 self.checkpoint_every >= 1,
                 f"--checkpoint-every must be >= 1, got {self.checkpoint_every}",

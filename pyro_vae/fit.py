@@ -32,7 +32,15 @@ from pyro_vae.train import ELBOS
 __all__ = ["RESUMABLE", "build_parser", "main", "parse_args", "parse_command"]
 
 #: settings a resumed run may change
-RESUMABLE = ("epochs", "device", "quiet", "checkpoint_every", "grad_clip", "eval_k")
+RESUMABLE = (
+    "epochs",
+    "lr",
+    "device",
+    "quiet",
+    "checkpoint_every",
+    "grad_clip",
+    "eval_k",
+)
 
 _CHOICES = {
     "dataset": DATASETS,

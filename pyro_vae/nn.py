@@ -89,10 +89,15 @@ def softplus_floor(raw: torch.Tensor, floor: float) -> torch.Tensor:
 
 def image_chw(image_shape: Sequence[int]) -> tuple[int, int, int]:
     """(C, H, W) of a datum shape ``(H, W)`` or ``(C, H, W)``."""
-    if len(image_shape) == 2:
-        return (1, *image_shape)
-    if len(image_shape) == 3:
-        return tuple(image_shape)
+    chw = (1, *image_shape) if len(image_shape) == 2 else tuple(image_shape)
+    if len(chw) == 3 and min(chw[1:]) >= 4:
+        return chw
+    if len(chw) == 3:
+        raise ValueError(
+            "conv networks need images of at least 4 x 4 pixels, got "
+            f"{tuple(image_shape)} (for channels-last arrays (N, H, W, C) use "
+            "np.moveaxis(x, -1, 1)); use --arch mlp for small or flat data"
+        )
     raise ValueError(
         "conv networks need images of shape (H, W) or (C, H, W), got "
         f"{tuple(image_shape)}; use --arch mlp for flat data"

@@ -171,7 +171,11 @@ def plot_latent_scatter(
     """E_q[z|x] of each datum in 2-D, coloured by label: the code itself when d = 2,
     else its first two principal components, or t-SNE (``method="tsne"``)."""
     z = z.detach().double().cpu().numpy()
-    if z.shape[1] == 2:
+    if z.shape[1] == 1:  # one dimension: the code against a little vertical jitter
+        jitter = np.random.default_rng(0).uniform(-0.4, 0.4, len(z))
+        base = labels.cpu().numpy() if labels is not None else np.zeros(len(z))
+        xy, axes = np.stack([z[:, 0], base + jitter], 1), ("z", "label (jittered)")
+    elif z.shape[1] == 2:
         xy, axes = z, ("z1", "z2")
     elif method == "tsne":
         from sklearn.manifold import TSNE
@@ -188,8 +192,8 @@ def plot_latent_scatter(
         share = 100 * pca.explained_variance_ratio_
         axes = (f"PC 1 ({share[0]:.0f}% of variance)", f"PC 2 ({share[1]:.0f}%)")
     fig, ax = plt.subplots(figsize=(6, 5))
-    colour = None if labels is None else labels.cpu().numpy()
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", s=6, alpha=0.8)
+    colours = {} if labels is None else {"c": labels.cpu().numpy(), "cmap": "tab10"}
+    points = ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.8, **colours)
     if labels is not None:
         fig.colorbar(points, ax=ax, label="label")
     ax.set_xlabel(axes[0])

@@ -24,6 +24,7 @@ import torch
 from pyro_vae.checkpoint import save_checkpoint as _atomic_save
 from pyro_vae.config import FitConfig
 from pyro_vae.data import BINARIZE_SEED, Splits
+from pyro_vae.errors import ConfigError
 from pyro_vae.train import EpochStats
 
 __all__ = [
@@ -45,7 +46,15 @@ N_PICTURES = 32
 def create(cfg: FitConfig) -> Path:
     """Make the run directory, write ``config.json`` and an empty ``history.csv``."""
     out = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "config.json").exists() or (out / "checkpoint.pt").exists():
+        raise ConfigError(
+            f"{out} already holds a run; continue it with --resume {out}, or give "
+            "another --out (its files would mix with this run's)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot make the run directory {out}: {err}") from None
     (out / "config.json").write_text(cfg.to_json() + "\n")
     with open(out / "history.csv", "w", newline="") as f:
         csv.writer(f).writerow(HISTORY_FIELDS)

@@ -108,26 +108,38 @@ def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
     if resume is None:
         out, state = rundir.create(cfg), snapshot(model, guide, optimizer, 0, 0)
     else:
-        out, state = Path(resume), _restore(Path(resume), model, guide, optimizer)
+        out = Path(resume)
+        state = _restore(out, model, guide, optimizer, cfg)
         (out / "config.json").write_text(cfg.to_json() + "\n")
     history = _train_with_checkpoints(cfg, model, guide, optimizer, splits, out, state)
     return _finish(cfg, model, guide, splits, out, history, device, started)
 
 
-def _restore(out: Path, model: Module, guide: Module, optimizer: Optimizer) -> dict:
+def _restore(
+    out: Path, model: Module, guide: Module, optimizer: Optimizer, cfg: FitConfig
+) -> dict:
     """Load the checkpoint of ``out`` into the parts; return its snapshot."""
     payload = load_checkpoint(out / "checkpoint.pt")
     try:
         model.load_state_dict(payload["model"])
         guide.load_state_dict(payload["guide"])
         optimizer.load_state_dict(payload["optimizer"])
+        for group in optimizer.param_groups:  # --lr may change on resume
+            group["lr"] = cfg.lr
         restore_rng(payload["rng"])
     except (KeyError, RuntimeError, ValueError) as err:
         raise ConfigError(
             f"{out / 'checkpoint.pt'} does not fit this run's networks or lacks "
             f"resume state ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
-    rundir.rewrite_history(out, rundir.read_history(out, payload["epoch"]))
+    try:
+        rows = rundir.read_history(out, payload["epoch"])
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(
+            f"{out / 'history.csv'} is missing or unreadable ({type(err).__name__}); "
+            "a run cannot resume without it: start a new run (--out)"
+        ) from None
+    rundir.rewrite_history(out, rows)
     return {
         key: payload[key]
         for key in ("model", "guide", "optimizer", "epoch", "step", "rng")
@@ -210,6 +222,14 @@ def _finish(
         for split in ("train", "valid", "test")
     }
     evaluation = None
+    if not cfg.eval_k:  # a resumed run must not show an older evaluation
+        for stale in (
+            "evaluation.json",
+            "evaluation.nc",
+            "figures/iwae_vs_k.png",
+            "figures/khat.png",
+        ):
+            (out / stale).unlink(missing_ok=True)
     if cfg.eval_k:
         evaluation = evaluate_split(
             model,

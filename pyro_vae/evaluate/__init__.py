@@ -9,7 +9,11 @@ This package imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`
 (its command line, ``__main__``, assembles a run through :mod:`pyro_vae.loading`).
 """
 
-from pyro_vae.evaluate.check import EstimatorConsistencyError, check_consistency
+from pyro_vae.evaluate.check import (
+    EstimatorConsistencyError,
+    check_against_pyro,
+    check_consistency,
+)
 from pyro_vae.evaluate.marginal import (
     LogMarginal,
     iwae_grid,
@@ -24,6 +28,7 @@ __all__ = [
     "EstimatorConsistencyError",
     "LogMarginal",
     "SiteContractError",
+    "check_against_pyro",
     "check_consistency",
     "iwae_grid",
     "log_marginal",

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=("test", "valid", "train"), default="test", help="data split"
     )
     parser.add_argument(
-        "--n", type=_positive, default=None, help="evaluate the first N data only"
+        "--n", type=_at_least_two, default=None, help="evaluate the first N data only"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:I")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")

@@ -22,7 +22,7 @@ import torch
 from pyro import poutine
 
 from pyro_vae import plots
-from pyro_vae.evaluate.check import check_consistency
+from pyro_vae.evaluate.check import check_against_pyro, check_consistency
 from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.marginal import LogMarginal, log_marginal
 
@@ -52,6 +52,7 @@ def evaluate_split(
     out = Path(out)
     result = log_marginal(model, guide, x, k, seed=seed)
     violations = check_consistency(result)
+    against_pyro = check_against_pyro(model, guide, x, result)
     summary = {
         **result.summary(),
         "latents": latent_diagnostics(model, guide, x, seed=seed),
@@ -63,6 +64,7 @@ def evaluate_split(
         ),
         "units": "nats per datum, higher is better",
         "consistency_violations_within_chance": violations,
+        "check_against_pyro_trace_elbo": against_pyro,
         "chunks": result.chunks,
     }
     _write_json(out / "evaluation.json", summary)

@@ -140,6 +140,8 @@ class Trace_InfoVAE(Trace_ELBO):  # noqa: N801 - Pyro's naming of losses
         """N · MMD²(codes of the batch, as many prior draws), summed over particles."""
         site = guide_trace.nodes[self.latent_site]
         z_q = site["value"]
+        if z_q.shape[-2] < 2:  # a last batch of one datum: no unbiased MMD estimate
+            return z_q.new_zeros(())
         prior = model_trace.nodes[self.latent_site]["fn"]
         z_p = prior.rsample() if prior.has_rsample else prior.sample()
         n_represented = z_q.shape[-2] * site["scale"]
