@@ -1,16 +1,18 @@
-"""Figures of a run, drawn headless with matplotlib's Agg backend."""
+"""Figures of a run, drawn headless.
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``), which
+needs no GUI and leaves pyplot's backend alone: importing this module in a notebook
+does not switch off inline figures.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 __all__ = [
     "image_grid",
@@ -40,11 +42,15 @@ def image_grid(
     return grid
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _subplots(*grid: int, figsize: tuple[float, float]) -> tuple[Figure, object]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -52,7 +58,7 @@ def plot_reconstructions(
     x: torch.Tensor, x_rec: torch.Tensor, image_shape: Sequence[int], path: str | Path
 ) -> Path:
     """Inputs beside their reconstructions (the mean of p(x|z), z ~ q(z|x))."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    fig, axes = _subplots(1, 2, figsize=(8, 4.4))
     for ax, data, title in zip(
         axes, (x, x_rec), ("input x", "reconstruction E[x|z]"), strict=True
     ):
@@ -65,7 +71,7 @@ def plot_reconstructions(
 
 def plot_samples(x: torch.Tensor, image_shape: Sequence[int], path: str | Path) -> Path:
     """Means of p(x|z) for draws z ~ p(z)."""
-    fig, ax = plt.subplots(figsize=(4.4, 4.4))
+    fig, ax = _subplots(figsize=(4.4, 4.4))
     ax.imshow(image_grid(x, image_shape), cmap="gray", vmin=0, vmax=1)
     ax.set_title("Prior samples E[x|z], z ~ p(z)")
     ax.axis("off")
@@ -84,7 +90,7 @@ def plot_elbo(
     ``log_px = (mean, se)`` marks the importance-sampled test log p̂(x) at the last
     epoch, with a ±2 se bar.
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     ax.plot(epochs, train_elbo, label="train ELBO (running mean over the epoch)")
     ax.plot(epochs, valid_elbo, label="validation ELBO")
     if log_px is not None:
@@ -110,7 +116,7 @@ def plot_iwae_vs_k(summary: dict, path: str | Path) -> Path:
     ks = sorted(int(k) for k in summary["iwae"])
     means = np.array([summary["iwae"][str(k)]["mean"] for k in ks])
     ses = np.array([summary["iwae"][str(k)]["se"] for k in ks])
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     ax.errorbar(ks, means, yerr=2 * ses, marker="o", capsize=3, label="IWAE_k ± 2 se")
     ax.axhline(summary["elbo"]["mean"], ls=":", c="gray", label="ELBO (k = 1)")
     ax.axhline(
@@ -127,7 +133,7 @@ def plot_iwae_vs_k(summary: dict, path: str | Path) -> Path:
 
 def plot_khat(khat: np.ndarray, path: str | Path) -> Path:
     """Histogram of per-datum Pareto k̂, with the 0.5 and 0.7 thresholds."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     finite = khat[np.isfinite(khat)]
     ax.hist(finite, bins=40, color="steelblue")
     for value, label in ((0.5, "0.5: slow"), (0.7, "0.7: unreliable")):
@@ -151,7 +157,7 @@ def plot_manifold(
     ``grid`` is ``(n * n, D)``, row-major from the top-left (high z2, low z1).
     """
     n = int(round(len(grid) ** 0.5))
-    fig, ax = plt.subplots(figsize=(6.5, 6.5))
+    fig, ax = _subplots(figsize=(6.5, 6.5))
     ax.imshow(image_grid(grid, image_shape, cols=n), cmap="gray", vmin=0, vmax=1)
     ax.set_title(
         f"2-D latent manifold: E[x|z] on a {n} x {n} grid of N(0, 1) quantiles"
@@ -191,7 +197,7 @@ def plot_latent_scatter(
         xy = pca.transform(z)
         share = 100 * pca.explained_variance_ratio_
         axes = (f"PC 1 ({share[0]:.0f}% of variance)", f"PC 2 ({share[1]:.0f}%)")
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = _subplots(figsize=(6, 5))
     colours = {} if labels is None else {"c": labels.cpu().numpy(), "cmap": "tab10"}
     points = ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.8, **colours)
     if labels is not None:
@@ -211,7 +217,7 @@ def plot_denoising(
     noise: str = "",
 ) -> Path:
     """Clean inputs, their noisy versions, and the reconstructions of the noisy ones."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    fig, axes = _subplots(1, 3, figsize=(12, 4.4))
     titles = (
         "clean x",
         f"noisy input {noise}".strip(),
@@ -230,7 +236,7 @@ def plot_interpolation(
 ) -> Path:
     """Rows of decoded straight lines in z between two data: ``(rows, steps, D)``."""
     rows, steps, _ = paths.shape
-    fig, ax = plt.subplots(figsize=(1.0 * steps, 1.1 * rows + 0.6))
+    fig, ax = _subplots(figsize=(1.0 * steps, 1.1 * rows + 0.6))
     ax.imshow(
         image_grid(paths.reshape(rows * steps, -1), image_shape, cols=steps),
         cmap="gray",

@@ -96,6 +96,7 @@ def check_against_pyro(
     particles: int = 8,
     chunk: int = 100,
     n_sigma: float = 5.0,
+    seed: int | None = None,
 ) -> dict[str, float]:
     """Compare the per-datum ELBO with Pyro's own ``Trace_ELBO`` on the same data.
 
@@ -113,9 +114,13 @@ def check_against_pyro(
     elbo = Trace_ELBO(
         num_particles=particles, vectorize_particles=True, max_plate_nesting=1
     )
-    total = sum(
-        -elbo.loss(model, guide, x[i : i + chunk]) for i in range(0, len(x), chunk)
-    )
+    devices = [x.device.index or 0] if x.is_cuda else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        total = sum(
+            -elbo.loss(model, guide, x[i : i + chunk]) for i in range(0, len(x), chunk)
+        )
     pyro_mean, n = total / len(x), len(x)
     k = result.k
     # per-datum variance of log w, from the K weights behind result.elbo_se

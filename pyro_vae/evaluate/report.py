@@ -52,7 +52,7 @@ def evaluate_split(
     out = Path(out)
     result = log_marginal(model, guide, x, k, seed=seed)
     violations = check_consistency(result)
-    against_pyro = check_against_pyro(model, guide, x, result)
+    against_pyro = check_against_pyro(model, guide, x, result, seed=seed)
     summary = {
         **result.summary(),
         "latents": latent_diagnostics(model, guide, x, seed=seed),
