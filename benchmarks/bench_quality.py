@@ -117,6 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--n-eval", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/results/bench_quality.json")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="merge these rows into the JSON file's rows (configs run one by one)",
+    )
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float32)
     pyro.settings.set(module_local_params=True)
@@ -126,6 +131,11 @@ def main(argv=None) -> int:
     configs = SUITES[args.suite]
     names = args.configs or list(configs)
     rows = [run_config(name, configs[name], splits, args) for name in names]
+    path = Path(args.json)
+    if args.append and path.exists():
+        done = {r["config"]: r for r in json.loads(path.read_text())["rows"]}
+        done.update({r["config"]: r for r in rows})
+        rows = [done[name] for name in configs if name in done]
     table = markdown(rows, args)
     print(table)
     meta = {
@@ -135,7 +145,6 @@ def main(argv=None) -> int:
         "pyro": pyro.__version__,
         "python": platform.python_version(),
     }
-    path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows, "table": table}, indent=2))
     print(f"wrote {path}")
