@@ -8,7 +8,6 @@ registers them as ordinary module parameters, so they train with everything else
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
@@ -17,6 +16,8 @@ from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_vae.nn import softplus_floor
+
+from .likelihoods import inverse_softplus_floor
 
 __all__ = [
     "PRIORS",
@@ -37,8 +38,7 @@ class StandardNormalPrior(PyroModule):
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        _check_dim(latent_dim)
         self.latent_dim = latent_dim
         # Buffers, not parameters: they follow .to(device) but are never trained.
         self.register_buffer("loc", torch.zeros(latent_dim))
@@ -61,7 +61,7 @@ class LearnedNormalPrior(PyroModule):
         _check_dim(latent_dim)
         self.loc = nn.Parameter(torch.zeros(latent_dim))
         self.rho = nn.Parameter(
-            torch.full((latent_dim,), _softplus_inverse(1.0 - floor))
+            torch.full((latent_dim,), inverse_softplus_floor(1.0, floor))
         )
         self.floor = floor
 
@@ -91,7 +91,7 @@ class MixtureOfGaussiansPrior(PyroModule):
         self.logits = nn.Parameter(torch.zeros(components))
         self.locs = nn.Parameter(torch.randn(components, latent_dim))
         self.rhos = nn.Parameter(
-            torch.full((components, latent_dim), _softplus_inverse(1.0 - floor))
+            torch.full((components, latent_dim), inverse_softplus_floor(1.0, floor))
         )
         self.floor = floor
 
@@ -191,10 +191,6 @@ class StudentTPrior(PyroModule):
 def _check_dim(latent_dim: int) -> None:
     if latent_dim < 1:
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
-
-
-def _softplus_inverse(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
 
 
 #: name -> factory(latent_dim, **options) returning a prior module. Options the

@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 HISTORY_FIELDS = [f.name for f in fields(EpochStats)]
-N_PICTURES = 32
 
 
 def create(cfg: FitConfig) -> Path:
