@@ -90,6 +90,11 @@ class FitConfig:
     # run
     checkpoint_every: int = _f(1, "write checkpoint.pt every N epochs (and at the end)")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this; 0 is off")
+    jit: bool = _f(
+        True,
+        "run Pyro eagerly every step instead of replaying the loss traced once per "
+        "batch shape (same numbers; needed if the model branches on data values)",
+    )
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:I")
     seed: int = _f(0, "seeds torch, numpy and python")
     out: str | None = _f(None, "run directory; default runs/<dataset>-<timestamp>")

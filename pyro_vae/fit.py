@@ -39,6 +39,7 @@ RESUMABLE = (
     "quiet",
     "checkpoint_every",
     "grad_clip",
+    "jit",
     "eval_k",
 )
 

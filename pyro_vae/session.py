@@ -41,6 +41,7 @@ from pyro_vae.loading import load_run_data
 from pyro_vae.losses import make_objective
 from pyro_vae.report import build_report
 from pyro_vae.resume import restore_rng, snapshot
+from pyro_vae.step import make_optimizer
 from pyro_vae.train import (
     EpochStats,
     NonFiniteLossError,
@@ -102,9 +103,7 @@ def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
     _check_support(model.likelihood, splits, binarize)
     if cfg.elbo == "meanfield":
         _check_closed_form_kl(model, guide, splits.valid[:2], cfg)
-    optimizer = torch.optim.Adam(
-        torch.nn.ModuleList([model, guide]).parameters(), lr=cfg.lr
-    )
+    optimizer = make_optimizer(torch.nn.ModuleList([model, guide]).parameters(), cfg.lr)
     if resume is None:
         out, state = rundir.create(cfg), snapshot(model, guide, optimizer, 0, 0)
     else:
@@ -184,6 +183,7 @@ def _train_with_checkpoints(
                 start_step=state["step"],
                 grad_clip=cfg.grad_clip,
                 should_stop=lambda: bool(caught),
+                jit=cfg.jit,
             )
         except TrainingInterrupted as stop:
             path = rundir.save_checkpoint(out, cfg, last[0], splits)

@@ -6,7 +6,15 @@ Training maximizes the ELBO (Kingma & Welling, 2014, eq. 3),
     \mathcal{L}(x) = E_{q(z|x)}[\log p(x, z) - \log q(z \mid x)] \le \log p(x),
 
 by minimizing Pyro's loss, ``-ELBO`` summed over the batch, divided by the batch size:
-one torch optimizer over ``elbo(model, guide)``, no global parameter store.
+one torch optimizer over ``elbo(model, guide)``, no global parameter store. Each step's
+loss runs through :class:`pyro_vae.step.StepLoss` (validated once, then traced per
+batch shape) and fused Adam; both leave the numbers as Pyro's eager path computes them.
+
+**Non-finite losses.** On CPU every loss is checked before its step, so no step is
+taken on a NaN. On CUDA that check would stall the device once per step, so the
+running sum is checked every :data:`SYNC_EVERY` steps and at the end of each epoch:
+a few steps may be taken on a NaN, and training then stops before the epoch's
+checkpoint is written, so the last good checkpoint is kept either way.
 
 **Sign and units.** Every number this module returns is the ELBO itself (higher is
 better) in nats per datum: the sum of per-datum ELBOs over a split, divided by its size.
@@ -21,18 +29,22 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
 from pyro_vae.data import batches
 from pyro_vae.errors import PyroVAEError
+from pyro_vae.step import StepLoss, make_optimizer
 
 __all__ = [
     "ELBOS",
+    "SYNC_EVERY",
     "EpochStats",
     "NonFiniteLossError",
     "TrainingInterrupted",
@@ -42,6 +54,7 @@ __all__ = [
 ]
 
 ELBOS: dict[str, type[ELBO]] = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
+SYNC_EVERY = 50  # steps between finiteness checks on CUDA (one host sync each)
 
 
 class NonFiniteLossError(PyroVAEError):
@@ -76,8 +89,9 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
 def dataset_elbo(loss_fn: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float:
     """Mean ELBO per datum over ``x``: ``-sum(loss over batches) / len(x)``."""
     total = torch.zeros((), device=x.device, dtype=torch.float64)
-    for batch in batches(x, batch_size, shuffle=False):
-        total += loss_fn(batch).double()
+    with pyro.validation_enabled(False):  # the data were checked before training
+        for batch in batches(x, batch_size, shuffle=False):
+            total += loss_fn(batch).double()
     return -total.item() / len(x)
 
 
@@ -100,6 +114,7 @@ def train(
     start_step: int = 0,
     grad_clip: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
+    jit: bool = True,
 ) -> tuple[list[EpochStats], torch.optim.Optimizer]:
     """Train ``model`` and ``guide`` by SVI with Adam, epochs start_epoch..epochs.
 
@@ -116,12 +131,14 @@ def train(
         progress: show a tqdm bar over epochs.
         on_epoch: called with each epoch's stats (e.g. to write history and
             checkpoints).
-        optimizer: an optimizer to continue (a resumed run); by default a new Adam
-            over the model's and guide's parameters.
+        optimizer: an optimizer to continue (a resumed run); by default a new
+            (fused) Adam over the model's and guide's parameters.
         start_epoch, start_step: where a resumed run picks up.
         grad_clip: clip the global gradient norm to this value; 0 leaves it.
         should_stop: polled after every step; when it returns True training stops
             with :class:`TrainingInterrupted` (e.g. on SIGINT).
+        jit: trace each step's loss once per batch shape (:class:`StepLoss`);
+            ``False`` runs Pyro eagerly. The numbers are the same either way.
 
     Returns:
         The history of the epochs run and the optimizer (for checkpoints).
@@ -132,7 +149,10 @@ def train(
     """
     elbo_fn = elbo(model, guide)
     loss_fn = elbo_fn if objective is None else objective(model, guide)
-    optimizer = optimizer or torch.optim.Adam(loss_fn.parameters(), lr=lr)
+    optimizer = optimizer or make_optimizer(loss_fn.parameters(), lr)
+    step_loss = StepLoss(loss_fn, jit=jit)
+    step_elbo = None if objective is None else StepLoss(elbo_fn, jit=jit)
+    check_each_step = train_x.device.type == "cpu"
     history: list[EpochStats] = []
     step = start_step
     epoch_range = range(start_epoch, epochs + 1)
@@ -146,7 +166,9 @@ def train(
             train_x, batch_size, shuffle=True, dynamic=dynamic_binarization
         ):
             step += 1
-            loss = _loss(loss_fn, x, epoch, step, history)
+            loss = _loss(step_loss, x)
+            if check_each_step:
+                _check_finite(loss, epoch, step, history)
             optimizer.zero_grad(set_to_none=True)
             (loss / len(x)).backward()
             if grad_clip:
@@ -154,12 +176,15 @@ def train(
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
             total_loss += loss.detach().double()
-            if objective is not None:
+            if step_elbo is not None:
                 with torch.no_grad():
-                    total_elbo -= elbo_fn(x).double()
+                    total_elbo -= step_elbo(x).double()
+            if not check_each_step and step % SYNC_EVERY == 0:
+                _check_finite(total_loss, epoch, step, history, lagged=True)
             if should_stop is not None and should_stop():
                 raise TrainingInterrupted(epoch, step)
         loss_fn.eval()
+        _check_finite(total_loss, epoch, step, history, lagged=not check_each_step)
         if objective is None:
             total_elbo = -total_loss
         stats = EpochStats(
@@ -187,34 +212,41 @@ class TrainingInterrupted(PyroVAEError):
         self.epoch, self.step = epoch, step
 
 
-def _loss(
-    loss_fn: torch.nn.Module,
-    x: torch.Tensor,
-    epoch: int,
-    step: int,
-    history: list[EpochStats],
-) -> torch.Tensor:
-    """The batch loss, checked finite before any optimizer step may use it."""
+def _loss(step_loss: StepLoss, x: torch.Tensor) -> torch.Tensor:
+    """The batch loss; a NaN that validation catches becomes a NaN loss.
+
+    Pyro's own "Encountered NaN" warning is silenced: :func:`_check_finite` stops
+    training with a message that says what to do.
+    """
     try:
-        loss = loss_fn(x)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+            return step_loss(x)
     except ValueError as err:
         # Under validation a NaN reaches a distribution's parameters first, and
         # torch refuses them ("... but found invalid values"): the same failure.
         if "found invalid values" not in str(err):
             raise
-        loss = torch.tensor(float("nan"))
-    _check_finite(loss, epoch, step, history)
-    return loss
+        return torch.tensor(float("nan"), device=x.device)
 
 
 def _check_finite(
-    loss: torch.Tensor, epoch: int, step: int, history: list[EpochStats]
+    loss: torch.Tensor,
+    epoch: int,
+    step: int,
+    history: list[EpochStats],
+    lagged: bool = False,
 ) -> None:
     if torch.isfinite(loss):
         return
     last = f"{history[-1].train_elbo:.4f}" if history else "none (first epoch)"
+    where = (
+        f"in the steps up to epoch {epoch}, step {step} (checked every {SYNC_EVERY} "
+        "steps on CUDA; the last good checkpoint is kept)"
+        if lagged
+        else f"at epoch {epoch}, step {step}; no step was taken on it"
+    )
     raise NonFiniteLossError(
-        f"the loss is {loss.item()} at epoch {epoch}, step {step}; no step was taken "
-        f"on it. Last finite train ELBO per datum: {last}. Lower --lr, or check the "
-        "data and the likelihood's scale floor."
+        f"the loss is {loss.item()} {where}. Last finite train ELBO per datum: "
+        f"{last}. Lower --lr, or check the data and the likelihood's scale floor."
     )

@@ -128,7 +128,9 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(session, "build_model_and_guide", build_poisoned)
     out = tmp_path / "nan"
-    assert main([*TINY, "--epochs", "5", "--out", str(out)]) == 1
+    # --no-jit: the poison counts calls in Python, which a traced step would freeze;
+    # tests/test_train.py stops a traced step on a NaN weight.
+    assert main([*TINY, "--epochs", "5", "--no-jit", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert "the loss is nan at epoch 3" in err and "no step was taken" in err
     assert "--resume" in err

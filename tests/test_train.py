@@ -101,8 +101,43 @@ def test_non_finite_loss_stops_before_the_step():
             batch_size=8,
             lr=0.1,
             on_epoch=remember,
+            jit=False,  # the NaN comes from Python state, which a trace would freeze
         )
     # Calls: step 1, the epoch-1 validation pass, then step 2 (epoch 2) is NaN;
     # the weights are those after step 1, not NaN.
     assert torch.isfinite(model.w).all()
     assert len(seen) == 1  # epoch 1 finished; epoch 2 did not
+
+
+class _Gaussian(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(self.w, 1.0).to_event(1), obs=x)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_traced_step_still_stops_on_a_nan():
+    """A NaN weight flows through the traced graph and stops the next step."""
+    model, x = _Gaussian(), torch.randn(8, 3)
+
+    def poison(stats):
+        with torch.no_grad():
+            model.w[0] = float("nan")
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2; no step"):
+        train(
+            model,
+            _empty_guide,
+            x,
+            x,
+            elbo=make_elbo("trace"),
+            epochs=3,
+            batch_size=8,
+            lr=0.1,
+            on_epoch=poison,
+        )
+    assert torch.isnan(model.w[0]) and torch.isfinite(model.w[1:]).all()

@@ -1,0 +1,152 @@
+"""The training step's loss and optimizer, made fast without changing what they compute.
+
+Pyro adds a fixed Python cost to every step: it runs the model and guide under
+poutine handlers, builds two traces and walks them. On a small network that cost is as
+large as the network itself (benchmarks/README.md). Three measures remove most of it,
+and each leaves the numbers as they were, up to float rounding:
+
+* **validation once**: the first step runs with Pyro's (and torch.distributions')
+  argument and support checks on; later steps run with them off. The data were
+  checked up front, and a NaN still stops training (:mod:`pyro_vae.train`).
+* **one trace per batch shape**: :class:`StepLoss` records the loss
+  ``elbo.differentiable_loss(model, guide, x)`` once per input shape with
+  :func:`torch.jit.trace` and replays that graph. The random draws are recorded as
+  random ops, so every replay draws fresh z from torch's generator, in the same order
+  as the eager program; the RNG is rewound after tracing, so the traced run consumes
+  exactly the draws the eager run would. Gradients are the eager ones bit for bit; the
+  reported loss is summed in float32 on the graph rather than as Python floats, so it
+  can differ from Pyro's eager value in the last digit (see
+  :func:`_items_stay_tensors`). The graph runs in TorchScript's plain
+  interpreter (``optimized_execution(False)``): its optimizing executor rewrites the
+  backward pass and changes gradients in the last bits, while the plain interpreter
+  gives the eager gradients bit for bit (tests/test_step.py), at the same speed here.
+* **fused Adam** (:func:`make_optimizer`): one kernel updates every parameter.
+
+``torch.compile`` was measured instead of the trace and lost: Pyro's messengers break
+its graph a dozen times per step (benchmarks/README.md). ``torch.jit.trace`` is
+deprecated in recent torch; should it disappear or fail on a model, :class:`StepLoss`
+warns once and runs the loss eagerly.
+
+A traced graph freezes Python control flow. Models whose control flow depends on the
+*values* of the data (not their shape) must train with ``jit=False`` (``--no-jit``).
+
+This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import pyro
+import torch
+from pyro.infer import util as pyro_util
+
+__all__ = ["StepLoss", "make_optimizer"]
+
+
+class StepLoss:
+    """Call ``loss_fn(x)`` the fast way: validated once, then traced per shape.
+
+    Args:
+        loss_fn: a module mapping a batch to a scalar loss, e.g. Pyro's
+            ``Trace_ELBO()(model, guide)``.
+        jit: trace with :func:`torch.jit.trace` after the first step; ``False`` runs
+            every step eagerly (with validation off after the first).
+    """
+
+    def __init__(self, loss_fn: torch.nn.Module, *, jit: bool = True) -> None:
+        self.loss_fn = loss_fn
+        self.jit = jit
+        self.validated = False
+        self._graphs: dict[tuple, torch.jit.ScriptModule] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.validated:
+            self.validated = True
+            if not self.jit:
+                with pyro.validation_enabled(True):
+                    return self.loss_fn(x)
+            # Validate on a rewound RNG, then trace and run on the same draws: every
+            # reported loss then comes from the graph, also on a resumed run.
+            with pyro.validation_enabled(True), torch.random.fork_rng(_cuda(x)):
+                self.loss_fn(x)
+        with pyro.validation_enabled(False):
+            if not self.jit:
+                return self.loss_fn(x)
+            key = (tuple(x.shape), x.dtype, x.device)
+            if key not in self._graphs:
+                graph = self._trace(x)
+                if graph is None:
+                    return self.loss_fn(x)
+                self._graphs[key] = graph
+            with torch.jit.optimized_execution(False):
+                return self._graphs[key](x)
+
+    def _trace(self, x: torch.Tensor) -> torch.jit.ScriptModule | None:
+        try:
+            with torch.random.fork_rng(_cuda(x)), _items_stay_tensors():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # deprecation notice
+                    return torch.jit.trace(self.loss_fn, (x,), check_trace=False)
+        except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+            self.jit = False
+            reason = (str(err).splitlines() or [""])[0]
+            warnings.warn(
+                f"torch.jit.trace could not record this loss ({type(err).__name__}: "
+                f"{reason}); training continues without it, at Pyro's eager speed. "
+                "Pass --no-jit to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
+
+def _cuda(x: torch.Tensor) -> list[torch.device]:
+    """The devices whose generators fork_rng must rewind besides the CPU's."""
+    return [x.device] if x.device.type == "cuda" else []
+
+
+def _detach(value: object) -> object:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+@contextmanager
+def _items_stay_tensors() -> Iterator[None]:
+    """While tracing, Pyro's ``torch_item`` detaches instead of calling ``.item()``.
+
+    Pyro's losses report ``loss + (surrogate - torch_item(surrogate))`` with the
+    reported part summed as Python floats. Under :func:`torch.jit.trace` those floats
+    would be frozen into the graph as constants, and every replay would report the
+    first batch's value plus a difference. Detached tensors keep the value live (what
+    Pyro's own TraceMeanField_ELBO does when it sees the tracer); the gradient, which
+    flows through the surrogate, is untouched. Every loaded module that imported
+    ``torch_item`` (Pyro's ELBOs, InfoVAE, a user's loss) is patched for the trace.
+    """
+    original = pyro_util.torch_item  # its home module stays unpatched, for imports
+    patched = [
+        module
+        for module in list(sys.modules.values())
+        if module is not pyro_util and getattr(module, "torch_item", None) is original
+    ]
+    for module in patched:
+        module.torch_item = _detach
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.torch_item = original
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam, fused into one kernel where torch has one for these parameters.
+
+    Fused Adam computes the same update as the default (for-each) Adam up to float
+    rounding; on the 2-core CPU it makes a batch-128 step about a quarter faster.
+    """
+    params = list(params)
+    devices = {p.device.type for p in params}
+    fused = devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)

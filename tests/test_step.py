@@ -1,0 +1,167 @@
+"""The fast training step computes what Pyro's plain Trace_ELBO path computes.
+
+Same seed, same batches: the traced loss gives Pyro's eager gradients bit for bit and
+its loss to float rounding, for every kind of part; the whole fast path (validation
+once, traced loss, fused Adam) ends a few steps at the parameters of a plain
+``Trace_ELBO`` + ``torch.optim.Adam`` loop.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pyro.infer.trace_elbo
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import torch_item
+from pyro.nn import PyroModule
+
+from pyro_vae.build import build_model_and_guide
+from pyro_vae.config import FitConfig
+from pyro_vae.data import batches
+from pyro_vae.losses import make_objective
+from pyro_vae.step import StepLoss, make_optimizer
+from pyro_vae.train import make_elbo, train
+
+PARTS = {
+    "default": {},
+    "mog prior": {"prior": "mog", "components": 3},
+    "vamp prior": {"prior": "vamp", "pseudo_inputs": 4},
+    "student-t prior": {"prior": "student-t"},
+    "flow guide": {"guide": "flow", "flow_steps": 2},
+    "lowrank guide": {"guide": "lowrank", "rank": 2},
+    "gaussian learned sigma": {"likelihood": "gaussian-learned"},
+    "discretized logistic": {"likelihood": "discretized-logistic"},
+    "conv": {"arch": "conv"},
+}
+
+
+def _parts(options, seed=0):
+    pyro.set_rng_seed(seed)
+    cfg = FitConfig(latent_dim=3, hidden=(16,), **options)
+    model, guide = build_model_and_guide(cfg, 64, (1, 8, 8))
+    return model, guide
+
+
+def _data(n=40):
+    return torch.bernoulli(
+        torch.rand(n, 64, generator=torch.Generator().manual_seed(1))
+    )
+
+
+def _run(loss_fn, call, x, steps, optimizer):
+    """Take ``steps`` steps on fixed batches; return the losses and parameters."""
+    losses = []
+    for i in range(steps):
+        batch = x[8 * i : 8 * (i + 1)] if i % 2 else x[: 8 * (i + 1)]  # two shapes
+        pyro.set_rng_seed(100 + i)
+        loss = call(batch)
+        optimizer.zero_grad()
+        (loss / len(batch)).backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, [p.detach().clone() for p in loss_fn.parameters()]
+
+
+@pytest.mark.parametrize("name", list(PARTS))
+def test_traced_loss_gives_the_eager_gradients_bit_for_bit(name):
+    x = _data()
+    runs = []
+    for traced in (False, True):
+        model, guide = _parts(PARTS[name])
+        loss_fn = Trace_ELBO()(model, guide)
+        call = StepLoss(loss_fn) if traced else loss_fn
+        opt = make_optimizer(loss_fn.parameters(), 1e-2)
+        runs.append(_run(loss_fn, call, x, 5, opt))
+    (eager_losses, eager_params), (jit_losses, jit_params) = runs
+    assert jit_losses == pytest.approx(eager_losses, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(eager_params, jit_params, strict=True))
+
+
+def test_traced_infovae_objective_matches_eager():
+    x = _data()
+    runs = []
+    for traced in (False, True):
+        model, guide = _parts({})
+        objective = make_objective(
+            "infovae", alpha=0.5, lam=10.0, beta=1.0, kernel="rbf", bandwidth="dim"
+        )
+        loss_fn = objective(model, guide)
+        call = StepLoss(loss_fn) if traced else loss_fn
+        opt = make_optimizer(loss_fn.parameters(), 1e-2)
+        runs.append(_run(loss_fn, call, x, 4, opt))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_fast_training_ends_where_the_plain_trace_elbo_loop_ends():
+    """train() (validation once, traced loss, fused Adam) against the tutorial loop."""
+    x = _data(64)
+    model, guide = _parts({})
+    pyro.set_rng_seed(7)
+    history, _ = train(
+        model,
+        guide,
+        x,
+        x[:16],
+        elbo=make_elbo("trace"),
+        epochs=2,
+        batch_size=16,
+        lr=1e-2,
+    )
+    fast = [
+        p.detach().clone() for p in torch.nn.ModuleList([model, guide]).parameters()
+    ]
+
+    model, guide = _parts({})
+    loss_fn = Trace_ELBO()(model, guide)
+    opt = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)  # the default, not fused
+    pyro.set_rng_seed(7)
+    total = 0.0
+    for epoch in range(2):
+        total = 0.0
+        for batch in batches(x, 16, shuffle=True):
+            loss = loss_fn(batch)
+            opt.zero_grad()
+            (loss / len(batch)).backward()
+            opt.step()
+            total += loss.item()
+        if epoch == 0:
+            loss_fn(x[:16])  # train() spends draws on the validation ELBO
+    plain = [p.detach().clone() for p in loss_fn.parameters()]
+    # fused and for-each Adam agree to rounding; the traced gradients are exact
+    for a, b in zip(fast, plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+    assert history[-1].train_elbo == pytest.approx(-total / len(x), rel=1e-6)
+
+
+def test_tracing_restores_pyros_torch_item():
+    model, guide = _parts({})
+    step = StepLoss(Trace_ELBO()(model, guide))
+    step(_data()[:8])  # validates, traces and runs
+    assert pyro.infer.trace_elbo.torch_item is torch_item
+    assert step._graphs  # it did trace
+
+
+class _Untraceable(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        if torch._C._get_tracing_state():
+            raise RuntimeError("no tracing here")
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(self.w, 1.0).to_event(1), obs=x)
+
+
+def test_a_model_that_cannot_be_traced_trains_eagerly_with_a_warning():
+    model, x = _Untraceable(), torch.randn(8, 3)
+    step = StepLoss(Trace_ELBO()(model, lambda x: None))
+    with pytest.warns(RuntimeWarning, match="torch.jit.trace could not record"):
+        first = step(x)
+    second = step(x)
+    assert not step.jit and torch.isfinite(first) and torch.isfinite(second)
+    expected = -dist.Normal(0.0, 1.0).log_prob(x).sum()
+    assert second.item() == pytest.approx(expected.item(), rel=1e-12)
