@@ -4,15 +4,17 @@
 and on CUDA when there is one, every path below trains on the same random binary data
 drawn through :func:`pyro_vae.data.batches`. A step's time is the wall time between two
 consecutive step ends (batch slicing included); the table gives the median over
-``--steps`` steps after ``--warmup``. On CUDA the device is synchronized once per step
-in the timer, which the real loop does not do. Rows:
+``--steps`` steps after ``--warmup``, the smallest such median of ``--repeats`` runs
+(other work on the machine only ever slows a run down). On CUDA the device is
+synchronized once per step in the timer, which the real loop does not do. Rows:
 
 * ``plain PyTorch``: the reference, hand-written ELBO with the analytic KL, the default
   ``torch.optim.Adam``; ``plain PyTorch, fused Adam`` the same with ``fused=True``;
 * ``pyro_vae train()``: the product itself, timed from its per-step hook;
 * the ideas one by one: Pyro's SVI loop as the tutorials write it, Trace_ELBO as a
   torch module with validation on and off, TraceMeanField_ELBO, Pyro's own
-  JitTrace_ELBO / JitTraceMeanField_ELBO, the pyro_vae trace without fused Adam, and
+  JitTrace_ELBO / JitTraceMeanField_ELBO, the pyro_vae trace without fused Adam,
+  ``torch.compile`` of the Trace_ELBO module (its compile time is in the warm-up), and
   8 particles vectorized and sequential.
 
 **Epochs.** One pass over the 60,000 Fashion-MNIST training images (IDX files), batch
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import platform
 import statistics
 import time
@@ -179,6 +182,10 @@ def time_steps(device, b, args) -> list[dict]:
             Trace_ELBO()(m, g), validate=False, jit=True
         ),
     }
+    if args.compile:
+        cases["torch.compile of the Trace_ELBO module"] = lambda m, g: module_step(
+            torch.compile(Trace_ELBO()(m, g)), validate=False
+        )
     if b == 128:
         cases["8 particles, vectorized"] = lambda m, g: module_step(
             make_elbo("trace", 8)(m, g), validate=False
@@ -189,16 +196,23 @@ def time_steps(device, b, args) -> list[dict]:
     _loop(plain_step(*_parts(device)), x, b, StepTimer(device))  # warm the machine
     rows = [_product_row(device, b, x, args)]
     for name, make in cases.items():
-        pyro.clear_param_store()
-        model, guide = _parts(device)
-        timer = StepTimer(device)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                _loop(make(model, guide), x, b, timer)
-            ms, error = timer.median_ms(args.warmup), None
-        except Exception as err:  # noqa: BLE001 - report the path as broken
-            ms, error = float("nan"), f"{type(err).__name__}: {err}".splitlines()[0]
+        medians, error = [], None
+        compiled = "compile" in name
+        for _ in range(1 if compiled else args.repeats):  # one compile is enough
+            if compiled:
+                torch._dynamo.reset()
+            pyro.clear_param_store()
+            model, guide = _parts(device)
+            timer = StepTimer(device)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    _loop(make(model, guide), x, b, timer)
+                medians.append(timer.median_ms(args.warmup))
+            except Exception as err:  # noqa: BLE001 - report the path as broken
+                error = f"{type(err).__name__}: {err}".splitlines()[0]
+                break
+        ms = min(medians) if medians else float("nan")
         rows.append({"path": name, "ms": ms, "error": error})
         print(json.dumps({"device": str(device), "batch": b, **rows[-1]}), flush=True)
     ref = next(r["ms"] for r in rows if r["path"].startswith("plain PyTorch (r"))
@@ -330,13 +344,23 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batches", type=int, nargs="*", default=[128, 1024])
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per step path; the min median"
+    )
     parser.add_argument("--epochs", type=int, default=2, help="epoch repeats")
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time torch.compile too (about half a minute of compiling per batch)",
+    )
     parser.add_argument("--skip-epochs", action="store_true")
     parser.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--json", default="benchmarks/results/bench_train.json")
     args = parser.parse_args(argv)
     pyro.settings.set(module_local_params=True)
+    torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break reports, one a step
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
