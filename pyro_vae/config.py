@@ -96,6 +96,16 @@ class FitConfig:
         "batch shape (same numbers; needed if the model branches on data values)",
     )
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:I")
+    devices: int = _f(
+        1,
+        "processes per node training one model data-parallel (torchrun + DDP; each "
+        "takes cuda:LOCAL_RANK on CUDA); --batch-size stays the global batch",
+    )
+    num_nodes: int = _f(
+        1,
+        "nodes of a multi-node run; each node needs MASTER_ADDR, MASTER_PORT (of "
+        "node 0) and NODE_RANK in its environment",
+    )
     seed: int = _f(0, "seeds torch, numpy and python")
     out: str | None = _f(None, "run directory; default runs/<dataset>-<timestamp>")
     quiet: bool = _f(False, "no progress bar and no summary table")
@@ -158,6 +168,19 @@ class FitConfig:
             (
                 math.isfinite(self.alpha) and math.isfinite(self.lam),
                 f"--alpha and --lam must be finite, got {self.alpha}, {self.lam}",
+            ),
+            (self.devices >= 1, f"--devices must be >= 1, got {self.devices}"),
+            (self.num_nodes >= 1, f"--num-nodes must be >= 1, got {self.num_nodes}"),
+            (
+                self.batch_size % max(1, self.devices * self.num_nodes) == 0,
+                f"--batch-size {self.batch_size} is the global batch and must divide "
+                f"by the {self.devices * self.num_nodes} processes (--devices x "
+                "--num-nodes)",
+            ),
+            (
+                self.devices * self.num_nodes == 1 or ":" not in self.device,
+                f"--device {self.device} names one GPU; with several processes use "
+                "--device cuda (each process takes cuda:LOCAL_RANK) or auto",
             ),
         ]
         for ok, message in checks:

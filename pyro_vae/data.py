@@ -208,15 +208,26 @@ def evaluation_split(splits: Splits, split: str, binarize: str) -> torch.Tensor:
 
 
 def batches(
-    x: torch.Tensor, batch_size: int, *, shuffle: bool, dynamic: bool = False
+    x: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    dynamic: bool = False,
+    order: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield mini-batches of ``x`` by (shuffled) index, on ``x``'s device.
 
     With ``dynamic=True`` each batch is a fresh Bernoulli draw from its grey levels.
-    The last batch may be smaller; every datum is seen once per pass.
+    The last batch may be smaller; every datum is seen once per pass. ``order``, if
+    given, is the sequence of indices to take instead (e.g. one process's shard of
+    the epoch, :meth:`pyro_vae.distributed.DistContext.shard_order`); ``shuffle`` is
+    then ignored.
     """
     n = len(x)
-    order = torch.randperm(n, device=x.device) if shuffle else None
+    if order is None:
+        order = torch.randperm(n, device=x.device) if shuffle else None
+    else:
+        n = len(order)
     for start in range(0, n, batch_size):
         if order is None:
             batch = x[start : start + batch_size]

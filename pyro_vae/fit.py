@@ -7,18 +7,26 @@ ship with scikit-learn, so it works offline. Every flag is a field of
 
 The run directory holds ``config.json``, ``history.csv``, ``metrics.json``,
 ``checkpoint.pt`` and ``figures/``; :mod:`pyro_vae.rundir` writes them.
+
+``--devices N`` (and ``--num-nodes M``) train one model on N processes per node: when
+this process was not started by ``torchrun``, it starts ``torchrun`` with the same
+arguments and waits (:func:`pyro_vae.distributed.launch`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from pyro_vae import distributed, rundir
 from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import FitConfig
+from pyro_vae.config import FitConfig, resolve_device
 from pyro_vae.data import BINARIZATIONS
 from pyro_vae.errors import ConfigError, PyroVAEError
 from pyro_vae.guides import ENCODERS, GUIDES
@@ -41,6 +49,8 @@ RESUMABLE = (
     "grad_clip",
     "jit",
     "eval_k",
+    "devices",
+    "num_nodes",
 )
 
 _CHOICES = {
@@ -139,10 +149,13 @@ def parse_command(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status instead of raising."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, resume = parse_command(argv)
     except SystemExit as stop:  # --help, or a flag argparse rejected
         return int(stop.code or 0)
+    if distributed.needs_launch(cfg.devices, cfg.num_nodes):
+        return _launch(argv, cfg, resume)
     try:
         run(cfg, resume)
     except Interrupted as stop:
@@ -152,6 +165,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _launch(argv: list[str], cfg: FitConfig, resume: str | None) -> int:
+    """Run this command on ``cfg.devices`` processes per node through torchrun."""
+    out = Path(resume) if resume is not None else rundir.default_out(cfg)
+    if resume is None and cfg.out is None:  # so that this process knows it too
+        argv = [*argv, "--out", str(out)]
+    try:
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and torch.cuda.device_count() < cfg.devices:
+            raise ConfigError(
+                f"--devices {cfg.devices} on CUDA needs {cfg.devices} GPUs on this "
+                f"node; torch sees {torch.cuda.device_count()}. Lower --devices, or "
+                "train on the CPU with --device cpu"
+            )
+        status = distributed.launch(argv, cfg.devices, cfg.num_nodes)
+    except PyroVAEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if status:
+        hint = ""
+        if (out / "checkpoint.pt").is_file():
+            hint = f" Resume with: python -m pyro_vae.fit --resume {out}"
+        how = f"(torchrun exit status {status})"
+        if status in (130, 143):
+            how = "on " + signal.Signals(status - 128).name
+        print(
+            f"error: training on {cfg.devices * cfg.num_nodes} processes stopped "
+            f"{how}; the messages above say which process stopped and why.{hint}",
+            file=sys.stderr,
+        )
+    return status
 
 
 def cli() -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "append_history",
     "binarization_note",
     "create",
+    "default_out",
     "package_versions",
     "read_history",
     "rewrite_history",
@@ -42,9 +43,14 @@ __all__ = [
 HISTORY_FIELDS = [f.name for f in fields(EpochStats)]
 
 
+def default_out(cfg: FitConfig) -> Path:
+    """``cfg.out``, or ``runs/<dataset>-<timestamp>`` when it is not set."""
+    return Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def create(cfg: FitConfig) -> Path:
     """Make the run directory, write ``config.json`` and an empty ``history.csv``."""
-    out = Path(cfg.out or f"runs/{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = default_out(cfg)
     if (out / "config.json").exists() or (out / "checkpoint.pt").exists():
         raise ConfigError(
             f"{out} already holds a run; continue it with --resume {out}, or give "
@@ -136,6 +142,7 @@ def save_metrics(
         "epochs": cfg.epochs,
         "wall_seconds": wall_seconds,
         "device": str(device),
+        "processes": cfg.devices * cfg.num_nodes,
         "versions": package_versions(),
     }
     if latents is not None:
@@ -177,10 +184,12 @@ def package_versions() -> dict[str, str]:
 
 def summary(cfg: FitConfig, metrics: dict[str, Any], out: Path) -> str:
     """The table ``fit`` prints at the end of a run."""
+    processes = cfg.devices * cfg.num_nodes
+    where = metrics["device"] + (f" x {processes} processes" if processes > 1 else "")
     lines = [
         f"pyro_vae: {cfg.dataset}, {cfg.likelihood} likelihood, {cfg.prior} prior, "
         f"{cfg.guide} guide, latent {cfg.latent_dim}, {cfg.epochs} epochs, "
-        f"{metrics['wall_seconds']:.1f} s on {metrics['device']}",
+        f"{metrics['wall_seconds']:.1f} s on {where}",
         f"estimator: {metrics['estimator']}; binarization: {metrics['binarization']}",
         "",
         f"{'split':<7}{'n':>8}  ELBO (nats per datum, higher is better)",

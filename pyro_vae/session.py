@@ -8,10 +8,21 @@ step: the last epoch's snapshot is written and :class:`Interrupted` carries the 
 status (130, 143). A non-finite loss stops training the same way, after writing the
 last good snapshot. Resuming restores weights, optimizer and every RNG, so a resumed
 run computes the same numbers as an uninterrupted one.
+
+Inside a process that ``torchrun`` started (``WORLD_SIZE`` > 1) the run is one of
+several data-parallel processes (:mod:`pyro_vae.distributed`): all of them train,
+rank 0 alone writes the run directory, checkpoints, figures and report and runs the
+final evaluation; the others leave once training is done. A resumed run loads rank
+0's checkpoint on every process; it continues, but is not bit-exact (the processes
+re-seed from the epoch they start at). If a process dies, the others stop with
+:class:`pyro_vae.distributed.DistributedError` and rank 0 writes the last finished
+epoch's checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import sys
 import time
@@ -28,11 +39,12 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
-from pyro_vae import rundir
+from pyro_vae import distributed, rundir
 from pyro_vae.build import build_model_and_guide
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import FitConfig, resolve_device
 from pyro_vae.data import Splits, evaluation_split
+from pyro_vae.distributed import DistContext, DistributedError
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
 from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
@@ -86,11 +98,59 @@ def _stop_on_signals() -> Iterator[list[int]]:
 
 
 def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
-    """Train the VAE ``cfg`` describes, or continue ``resume``; write its files."""
+    """Train the VAE ``cfg`` describes, or continue ``resume``; write its files.
+
+    In a process started by ``torchrun`` it trains together with the others (module
+    docstring); every process returns the run directory.
+    """
     started = time.perf_counter()
     pyro.settings.set(module_local_params=True)
     pyro.set_rng_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    ctx = None
+    if distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        ctx = distributed.init_from_env(device, cfg.seed)
+        device = ctx.device
+    try:
+        cfg = _check_world(cfg, ctx)
+        cfg, parts = _setup_and_train(cfg, resume, device, ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is not None and not ctx.is_main:
+        return parts[-2]
+    return _finish(cfg, *parts, device, started)
+
+
+def _check_world(cfg: FitConfig, ctx: DistContext | None) -> FitConfig:
+    """The config with the real number of processes; refuse a mismatch."""
+    asked = cfg.devices * cfg.num_nodes
+    world = 1 if ctx is None else ctx.world_size
+    if asked == world:
+        return cfg
+    if ctx is not None and asked == 1:  # torchrun started without --devices
+        nodes, rest = divmod(world, ctx.local_world_size)
+        if not rest:
+            return dataclasses.replace(
+                cfg, devices=ctx.local_world_size, num_nodes=nodes
+            )
+        return cfg
+    raise ConfigError(
+        f"--devices {cfg.devices} x --num-nodes {cfg.num_nodes} ask for {asked} "
+        f"processes, but {world} run; start it with python -m pyro_vae.fit (which "
+        "launches torchrun itself), or make torchrun's --nproc-per-node and --nnodes "
+        "agree with the flags"
+    )
+
+
+def _setup_and_train(
+    cfg: FitConfig,
+    resume: str | Path | None,
+    device: torch.device,
+    ctx: DistContext | None,
+) -> tuple[FitConfig, tuple[Module, Module, Splits, Path, list[EpochStats]]]:
+    """Data, parts, run directory or checkpoint, then training; on every process."""
+    main = ctx is None or ctx.is_main
     binarize = cfg.resolved_binarize()
     splits = load_run_data(cfg, device)
     if cfg.batch_size > len(splits.train):
@@ -104,20 +164,40 @@ def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
     if cfg.elbo == "meanfield":
         _check_closed_form_kl(model, guide, splits.valid[:2], cfg)
     optimizer = make_optimizer(torch.nn.ModuleList([model, guide]).parameters(), cfg.lr)
+    if ctx is not None:
+        ctx.local_batch_size(cfg.batch_size)  # refuse an uneven split up front
     if resume is None:
-        out, state = rundir.create(cfg), snapshot(model, guide, optimizer, 0, 0)
+        state = snapshot(model, guide, optimizer, 0, 0)
+        if ctx is None:
+            out = rundir.create(cfg)
+        else:
+            out = ctx.main_only(lambda: rundir.create(cfg), "creating the run dir")
     else:
         out = Path(resume)
-        state = _restore(out, model, guide, optimizer, cfg)
-        (out / "config.json").write_text(cfg.to_json() + "\n")
-    history = _train_with_checkpoints(cfg, model, guide, optimizer, splits, out, state)
-    return _finish(cfg, model, guide, splits, out, history, device, started)
+        state = _restore(out, model, guide, optimizer, cfg, rewrite=main)
+        if main:
+            (out / "config.json").write_text(cfg.to_json() + "\n")
+    if ctx is not None:  # independent draws per process from here on
+        ctx.seed_rngs(cfg.seed, state["epoch"])
+    history = _train_with_checkpoints(
+        cfg, model, guide, optimizer, splits, out, state, ctx
+    )
+    return cfg, (model, guide, splits, out, history)
 
 
 def _restore(
-    out: Path, model: Module, guide: Module, optimizer: Optimizer, cfg: FitConfig
+    out: Path,
+    model: Module,
+    guide: Module,
+    optimizer: Optimizer,
+    cfg: FitConfig,
+    rewrite: bool = True,
 ) -> dict:
-    """Load the checkpoint of ``out`` into the parts; return its snapshot."""
+    """Load the checkpoint of ``out`` into the parts; return its snapshot.
+
+    ``rewrite``: cut ``history.csv`` back to the checkpoint's epoch (rank 0 does;
+    the other processes of a distributed run need only the checkpoint).
+    """
     payload = load_checkpoint(out / "checkpoint.pt")
     try:
         model.load_state_dict(payload["model"])
@@ -131,14 +211,16 @@ def _restore(
             f"{out / 'checkpoint.pt'} does not fit this run's networks or lacks "
             f"resume state ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
-    try:
-        rows = rundir.read_history(out, payload["epoch"])
-    except (OSError, KeyError, ValueError) as err:
-        raise ConfigError(
-            f"{out / 'history.csv'} is missing or unreadable ({type(err).__name__}); "
-            "a run cannot resume without it: start a new run (--out)"
-        ) from None
-    rundir.rewrite_history(out, rows)
+    if rewrite:
+        try:
+            rows = rundir.read_history(out, payload["epoch"])
+        except (OSError, KeyError, ValueError) as err:
+            raise ConfigError(
+                f"{out / 'history.csv'} is missing or unreadable "
+                f"({type(err).__name__}); a run cannot resume without it: start a "
+                "new run (--out)"
+            ) from None
+        rundir.rewrite_history(out, rows)
     return {
         key: payload[key]
         for key in ("model", "guide", "optimizer", "epoch", "step", "rng")
@@ -153,11 +235,26 @@ def _train_with_checkpoints(
     splits: Splits,
     out: Path,
     state: dict,
+    ctx: DistContext | None = None,
 ) -> list[EpochStats]:
-    """Train from ``state`` to ``cfg.epochs``, checkpointing; stop on signals."""
+    """Train from ``state`` to ``cfg.epochs``, checkpointing; stop on signals.
+
+    With ``ctx``, every process trains; only rank 0 writes history and checkpoints,
+    and only it returns the history (the others return an empty list).
+    """
     last = [state]  # the latest end-of-epoch snapshot: what a stop writes
+    main = ctx is None or ctx.is_main
+
+    def save() -> Path:
+        """Rank 0 writes the last snapshot; the checkpoint's path on every rank."""
+        if main:
+            return rundir.save_checkpoint(out, cfg, last[0], splits)
+        return out / "checkpoint.pt"
 
     def on_epoch(stats: EpochStats) -> None:
+        if not main:  # rank 0 saves this epoch; the others only remember which
+            last[0] = {"epoch": stats.epoch}
+            return
         _report_epoch(out, stats, cfg)
         last[0] = snapshot(model, guide, optimizer, stats.epoch, stats.step)
         if stats.epoch % cfg.checkpoint_every == 0 or stats.epoch == cfg.epochs:
@@ -176,7 +273,7 @@ def _train_with_checkpoints(
                 lr=cfg.lr,
                 objective=_objective(cfg),
                 dynamic_binarization=cfg.resolved_binarize() == "dynamic",
-                progress=not cfg.quiet and sys.stderr.isatty(),
+                progress=main and not cfg.quiet and sys.stderr.isatty(),
                 on_epoch=on_epoch,
                 optimizer=optimizer,
                 start_epoch=state["epoch"] + 1,
@@ -184,22 +281,50 @@ def _train_with_checkpoints(
                 grad_clip=cfg.grad_clip,
                 should_stop=lambda: bool(caught),
                 jit=cfg.jit,
+                distributed=ctx,
             )
         except TrainingInterrupted as stop:
-            path = rundir.save_checkpoint(out, cfg, last[0], splits)
+            path = save()
+            # with several processes, a stop caught by another one stops this one too
+            sig = signal.Signals(caught[0]) if caught else signal.SIGTERM
             raise Interrupted(
-                f"{signal.Signals(caught[0]).name}: {stop}. Saved {path} at the end of "
+                f"{sig.name}: {stop}. Saved {path} at the end of "
                 f"epoch {last[0]['epoch']}; resume with: python -m pyro_vae.fit "
                 f"--resume {out}",
-                EXIT_STATUS[caught[0]],
+                EXIT_STATUS[sig],
             ) from None
         except NonFiniteLossError as err:
-            path = rundir.save_checkpoint(out, cfg, last[0], splits)
+            path = save()
             raise NonFiniteLossError(
                 f"{err} The last good state (end of epoch {last[0]['epoch']}) is in "
                 f"{path}; resume with --resume {out} --lr SMALLER, or --grad-clip."
             ) from None
-    return rundir.read_history(out)
+        except RuntimeError as err:  # DistributedError is a ValueError: not here
+            lost = None if ctx is None else ctx.lost_contact(err, "training")
+            if lost is None:
+                raise
+            raise _lost(lost, save(), last[0]["epoch"] if main else None, out) from None
+        except DistributedError as err:
+            raise _lost(err, save(), last[0]["epoch"] if main else None, out) from None
+    return rundir.read_history(out) if main else []
+
+
+def _lost(
+    err: DistributedError, path: Path, epoch: int | None, out: Path
+) -> DistributedError:
+    """``err`` with where the last good state is and how to go on.
+
+    ``epoch``: the epoch rank 0 just saved; None on the other ranks, which do not
+    know which checkpoint rank 0 managed to write.
+    """
+    where = (
+        f"Rank 0 keeps the checkpoints in {path}"
+        if epoch is None
+        else f"The last finished epoch ({epoch}) is saved in {path}"
+    )
+    return DistributedError(
+        f"{err}. {where}; resume with: python -m pyro_vae.fit --resume {out}"
+    )
 
 
 def _finish(

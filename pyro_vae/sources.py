@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -207,10 +208,14 @@ def _unpack(src: Path, dest: Path) -> None:
     stamp_file = dest.with_name(dest.name + ".source")
     if dest.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return
-    tmp = dest.with_name(dest.name + ".partial")
+    # a name of its own: processes of a distributed run may unpack at the same time
+    fd, name = tempfile.mkstemp(
+        prefix=dest.name + ".", suffix=".partial", dir=dest.parent
+    )
+    tmp = Path(name)
     opener = gzip.open if src.suffix == ".gz" else open
     try:
-        with opener(src, "rb") as fin, open(tmp, "wb") as fout:
+        with opener(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             shutil.copyfileobj(fin, fout)
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
         tmp.unlink(missing_ok=True)

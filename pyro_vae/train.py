@@ -22,6 +22,12 @@ Pyro's ``loss`` is the negative of that sum. ``Trace_ELBO`` estimates the expect
 with ``num_particles`` reparameterized draws; ``TraceMeanField_ELBO`` uses the analytic
 KL(q(z|x) || p(z)) where one is registered.
 
+**Several processes.** With ``distributed`` (a
+:class:`pyro_vae.distributed.DistContext`), each process trains on its shard of every
+epoch with ``batch_size / world_size`` data per step, DDP averages the gradients, and
+the epoch's train and validation sums are added over the processes; that module's
+docstring gives the scaling rule. Without it, nothing changes, to the last bit.
+
 This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
 """
 
@@ -32,6 +38,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyro
 import torch
@@ -41,6 +48,9 @@ from tqdm.auto import tqdm
 from pyro_vae.data import batches
 from pyro_vae.errors import PyroVAEError
 from pyro_vae.step import StepLoss, make_optimizer
+
+if TYPE_CHECKING:
+    from pyro_vae.distributed import DistContext
 
 __all__ = [
     "ELBOS",
@@ -86,12 +96,24 @@ def make_elbo(name: str, num_particles: int = 1) -> ELBO:
 
 
 @torch.no_grad()
-def dataset_elbo(loss_fn: torch.nn.Module, x: torch.Tensor, batch_size: int) -> float:
-    """Mean ELBO per datum over ``x``: ``-sum(loss over batches) / len(x)``."""
+def dataset_elbo(
+    loss_fn: torch.nn.Module,
+    x: torch.Tensor,
+    batch_size: int,
+    distributed: DistContext | None = None,
+) -> float:
+    """Mean ELBO per datum over ``x``: ``-sum(loss over batches) / len(x)``.
+
+    With ``distributed``, each process scores its contiguous shard of ``x`` and the
+    sums are added over the processes; every process gets the same number.
+    """
+    shard = x if distributed is None else distributed.shard(x)
     total = torch.zeros((), device=x.device, dtype=torch.float64)
     with pyro.validation_enabled(False):  # the data were checked before training
-        for batch in batches(x, batch_size, shuffle=False):
+        for batch in batches(shard, batch_size, shuffle=False):
             total += loss_fn(batch).double()
+    if distributed is not None:
+        return -distributed.all_sum(total)[0] / len(x)
     return -total.item() / len(x)
 
 
@@ -115,6 +137,7 @@ def train(
     grad_clip: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
     jit: bool = True,
+    distributed: DistContext | None = None,
 ) -> tuple[list[EpochStats], torch.optim.Optimizer]:
     """Train ``model`` and ``guide`` by SVI with Adam, epochs start_epoch..epochs.
 
@@ -139,6 +162,10 @@ def train(
             with :class:`TrainingInterrupted` (e.g. on SIGINT).
         jit: trace each step's loss once per batch shape (:class:`StepLoss`);
             ``False`` runs Pyro eagerly. The numbers are the same either way.
+        distributed: train on several processes (module docstring): this process
+            takes its shard of each epoch, ``batch_size`` is the global batch, and
+            the returned stats are over all processes. A stop request or a
+            non-finite loss on any process stops all of them at the same step.
 
     Returns:
         The history of the epochs run and the optimizer (for checkpoints).
@@ -146,12 +173,18 @@ def train(
     Raises:
         NonFiniteLossError: when a loss is NaN or inf; the step is not taken.
         TrainingInterrupted: when ``should_stop()`` turned True.
+        pyro_vae.distributed.DistributedError: with ``distributed``, when another
+            process died or hung.
     """
     elbo_fn = elbo(model, guide)
     loss_fn = elbo_fn if objective is None else objective(model, guide)
     optimizer = optimizer or make_optimizer(loss_fn.parameters(), lr)
     step_loss = StepLoss(loss_fn, jit=jit)
     step_elbo = None if objective is None else StepLoss(elbo_fn, jit=jit)
+    step_batch = batch_size
+    if distributed is not None:  # DDP averages the gradients of every backward()
+        step_loss = distributed.data_parallel(step_loss, loss_fn, should_stop)
+        step_batch = distributed.local_batch_size(batch_size)
     check_each_step = train_x.device.type == "cpu"
     history: list[EpochStats] = []
     step = start_step
@@ -162,15 +195,36 @@ def train(
         loss_fn.train()  # train mode for every network in the model and guide
         total_loss = torch.zeros((), device=train_x.device, dtype=torch.float64)
         total_elbo = torch.zeros_like(total_loss)
+        seen = 0
+        order = None
+        if distributed is not None:
+            order = distributed.shard_order(len(train_x), epoch)
         for x in batches(
-            train_x, batch_size, shuffle=True, dynamic=dynamic_binarization
+            train_x,
+            step_batch,
+            shuffle=True,
+            dynamic=dynamic_binarization,
+            order=order,
         ):
             step += 1
+            seen += len(x)
             loss = _loss(step_loss, x)
-            if check_each_step:
+            if check_each_step and distributed is None:
                 _check_finite(loss, epoch, step, history)
             optimizer.zero_grad(set_to_none=True)
             (loss / len(x)).backward()
+            stop = False
+            if distributed is not None and (check_each_step or step % SYNC_EVERY == 0):
+                finite, stop = distributed.agree()  # the same answer on every process
+                if not finite:
+                    raise _non_finite(
+                        f"not finite on at least one of the {distributed.world_size} "
+                        "processes",
+                        epoch,
+                        step,
+                        history,
+                        lagged=not check_each_step,
+                    )
             if grad_clip:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -179,20 +233,28 @@ def train(
             if step_elbo is not None:
                 with torch.no_grad():
                     total_elbo -= step_elbo(x).double()
-            if not check_each_step and step % SYNC_EVERY == 0:
-                _check_finite(total_loss, epoch, step, history, lagged=True)
-            if should_stop is not None and should_stop():
+            if distributed is None:
+                if not check_each_step and step % SYNC_EVERY == 0:
+                    _check_finite(total_loss, epoch, step, history, lagged=True)
+                stop = should_stop is not None and should_stop()
+            if stop:
                 raise TrainingInterrupted(epoch, step)
         loss_fn.eval()
+        n_train = len(train_x)
+        if distributed is not None:  # sums over every process's shard
+            summed = distributed.all_sum(total_loss, total_elbo, seen)
+            total_loss, total_elbo = torch.tensor(summed[:2], dtype=torch.float64)
+            n_train = round(summed[2])
+            distributed.check_in_sync(loss_fn, epoch)
         _check_finite(total_loss, epoch, step, history, lagged=not check_each_step)
         if objective is None:
             total_elbo = -total_loss
         stats = EpochStats(
             epoch=epoch,
-            train_elbo=total_elbo.item() / len(train_x),
-            valid_elbo=dataset_elbo(elbo_fn, valid_x, batch_size),
+            train_elbo=total_elbo.item() / n_train,
+            valid_elbo=dataset_elbo(elbo_fn, valid_x, batch_size, distributed),
             seconds=time.perf_counter() - start,
-            train_loss=total_loss.item() / len(train_x),
+            train_loss=total_loss.item() / n_train,
             step=step,
         )
         history.append(stats)
@@ -237,8 +299,13 @@ def _check_finite(
     history: list[EpochStats],
     lagged: bool = False,
 ) -> None:
-    if torch.isfinite(loss):
-        return
+    if not torch.isfinite(loss):
+        raise _non_finite(str(loss.item()), epoch, step, history, lagged)
+
+
+def _non_finite(
+    value: str, epoch: int, step: int, history: list[EpochStats], lagged: bool
+) -> NonFiniteLossError:
     last = f"{history[-1].train_elbo:.4f}" if history else "none (first epoch)"
     where = (
         f"in the steps up to epoch {epoch}, step {step} (checked every {SYNC_EVERY} "
@@ -246,7 +313,7 @@ def _check_finite(
         if lagged
         else f"at epoch {epoch}, step {step}; no step was taken on it"
     )
-    raise NonFiniteLossError(
-        f"the loss is {loss.item()} {where}. Last finite train ELBO per datum: "
+    return NonFiniteLossError(
+        f"the loss is {value} {where}. Last finite train ELBO per datum: "
         f"{last}. Lower --lr, or check the data and the likelihood's scale floor."
     )

@@ -62,7 +62,8 @@ def test_parts_import_only_torch_pyro_and_nn(folder):
 
 def test_engine_modules_import_neither_models_nor_guides():
     engine = [
-        REPO / "pyro_vae" / f"{name}.py" for name in ("train", "data", "generate")
+        REPO / "pyro_vae" / f"{name}.py"
+        for name in ("train", "data", "generate", "distributed", "step")
     ]
     engine += sorted((REPO / "pyro_vae" / "losses").glob("*.py"))
     # the estimator package; its __main__ is a command line and may assemble

@@ -1,0 +1,118 @@
+"""One process of the distributed tests (tests/test_distributed.py starts two).
+
+Run as ``python tests/distributed_worker.py TASK ...`` with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set, as torchrun would set them:
+
+* ``params OUT``: train a tiny VAE for two epochs on digits, save this rank's
+  parameters and history to ``OUT/rank<R>.pt``;
+* ``elbo OUT EPOCHS SEED...``: train one tiny VAE per seed, rank 0 writes the final
+  validation ELBOs to ``OUT`` (JSON); :func:`valid_elbos` is the same code, and runs
+  in one process when WORLD_SIZE is unset;
+* ``fit FAULT RANK STEP ARGS...``: ``python -m pyro_vae.fit ARGS``, except that at its
+  training step STEP, process RANK exits abruptly (FAULT ``exit``: ``os._exit(1)``) or
+  its loss turns NaN (``nan``); FAULT ``none`` runs the command as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pyro
+import torch
+
+from pyro_vae.build import build_model_and_guide
+from pyro_vae.config import FitConfig
+from pyro_vae.data import binarize_splits
+from pyro_vae.sources import load_dataset
+
+TINY = {"hidden": (64,), "latent_dim": 4}
+
+
+def _context():
+    from pyro_vae import distributed
+
+    if not distributed.launched():
+        return None
+    return distributed.init_from_env(torch.device("cpu"), seed=0)
+
+
+def _train(seed, epochs, ctx, batch_size=100):
+    from pyro_vae.train import make_elbo, train
+
+    pyro.settings.set(module_local_params=True)
+    pyro.set_rng_seed(seed)
+    model, guide = build_model_and_guide(FitConfig(**TINY), 64, (1, 8, 8))
+    model, guide = model.to(torch.float32), guide.to(torch.float32)
+    splits = binarize_splits(load_dataset("digits"), "dynamic")
+    if ctx is not None:
+        ctx.seed = seed  # the shuffles follow the run's seed
+        ctx.seed_rngs(seed, 0)
+    history, _ = train(
+        model,
+        guide,
+        splits.train,
+        splits.valid,
+        elbo=make_elbo("trace"),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=3e-3,
+        dynamic_binarization=True,
+        distributed=ctx,
+    )
+    return model, guide, history
+
+
+def valid_elbos(seeds, epochs, ctx=None, batch_size=100):
+    """The final validation ELBO (nats per datum) of one short run per seed."""
+    return [_train(seed, epochs, ctx, batch_size)[2][-1].valid_elbo for seed in seeds]
+
+
+def main(argv):
+    task, *args = argv
+    if task == "fit":
+        fault, rank, step, *fit_args = args
+        if fault != "none" and int(os.environ["RANK"]) == int(rank):
+            import pyro_vae.train as train_module
+
+            real_loss, calls = train_module._loss, [0]
+
+            def faulty_loss(step_loss, x):
+                calls[0] += 1
+                loss = real_loss(step_loss, x)
+                if calls[0] == int(step):
+                    if fault == "exit":
+                        os._exit(1)  # no cleanup, no goodbye: as a crashed process
+                    return loss * float("nan")
+                return loss
+
+            train_module._loss = faulty_loss
+        from pyro_vae.fit import main as fit_main
+
+        return fit_main(fit_args)
+    ctx = _context()
+    try:
+        if task == "params":
+            model, guide, history = _train(0, 2, ctx)
+            state = {
+                "model": model.state_dict(),
+                "guide": guide.state_dict(),
+                "history": [vars(h) for h in history],
+            }
+            torch.save(state, os.path.join(args[0], f"rank{ctx.rank}.pt"))
+        elif task == "elbo":
+            out, epochs, *seeds = args
+            values = valid_elbos([int(s) for s in seeds], int(epochs), ctx)
+            if ctx.is_main:
+                with open(out, "w") as f:
+                    json.dump(values, f)
+        else:
+            raise SystemExit(f"unknown task {task}")
+    finally:
+        ctx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
