@@ -178,92 +178,151 @@ def train(
     """
     elbo_fn = elbo(model, guide)
     loss_fn = elbo_fn if objective is None else objective(model, guide)
-    optimizer = optimizer or make_optimizer(loss_fn.parameters(), lr)
-    step_loss = StepLoss(loss_fn, jit=jit)
-    step_elbo = None if objective is None else StepLoss(elbo_fn, jit=jit)
-    step_batch = batch_size
-    if distributed is not None:  # DDP averages the gradients of every backward()
-        step_loss = distributed.data_parallel(step_loss, loss_fn, should_stop)
-        step_batch = distributed.local_batch_size(batch_size)
-    check_each_step = train_x.device.type == "cpu"
+    run = _Run(
+        loss_fn=loss_fn,
+        elbo_fn=elbo_fn,
+        optimizer=optimizer or make_optimizer(loss_fn.parameters(), lr),
+        jit=jit,
+        reports_elbo=objective is None,
+        batch_size=batch_size,
+        grad_clip=grad_clip,
+        should_stop=should_stop,
+        distributed=distributed,
+        check_each_step=train_x.device.type == "cpu",
+    )
     history: list[EpochStats] = []
     step = start_step
     epoch_range = range(start_epoch, epochs + 1)
     bar = tqdm(epoch_range, disable=not progress, unit="epoch", file=sys.stderr)
     for epoch in bar:
-        start = time.perf_counter()
-        loss_fn.train()  # train mode for every network in the model and guide
-        total_loss = torch.zeros((), device=train_x.device, dtype=torch.float64)
-        total_elbo = torch.zeros_like(total_loss)
-        seen = 0
-        order = None
-        if distributed is not None:
-            order = distributed.shard_order(len(train_x), epoch)
-        for x in batches(
-            train_x,
-            step_batch,
-            shuffle=True,
-            dynamic=dynamic_binarization,
-            order=order,
-        ):
-            step += 1
-            seen += len(x)
-            loss = _loss(step_loss, x)
-            if check_each_step and distributed is None:
-                _check_finite(loss, epoch, step, history)
-            optimizer.zero_grad(set_to_none=True)
-            (loss / len(x)).backward()
-            stop = False
-            if distributed is not None and (check_each_step or step % SYNC_EVERY == 0):
-                finite, stop = distributed.agree()  # the same answer on every process
-                if not finite:
-                    raise _non_finite(
-                        f"not finite on at least one of the {distributed.world_size} "
-                        "processes",
-                        epoch,
-                        step,
-                        history,
-                        lagged=not check_each_step,
-                    )
-            if grad_clip:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
-            total_loss += loss.detach().double()
-            if step_elbo is not None:
-                with torch.no_grad():
-                    total_elbo -= step_elbo(x).double()
-            if distributed is None:
-                if not check_each_step and step % SYNC_EVERY == 0:
-                    _check_finite(total_loss, epoch, step, history, lagged=True)
-                stop = should_stop is not None and should_stop()
-            if stop:
-                raise TrainingInterrupted(epoch, step)
-        loss_fn.eval()
-        n_train = len(train_x)
-        if distributed is not None:  # sums over every process's shard
-            summed = distributed.all_sum(total_loss, total_elbo, seen)
-            total_loss, total_elbo = torch.tensor(summed[:2], dtype=torch.float64)
-            n_train = round(summed[2])
-            distributed.check_in_sync(loss_fn, epoch)
-        _check_finite(total_loss, epoch, step, history, lagged=not check_each_step)
-        if objective is None:
-            total_elbo = -total_loss
-        stats = EpochStats(
-            epoch=epoch,
-            train_elbo=total_elbo.item() / n_train,
-            valid_elbo=dataset_elbo(elbo_fn, valid_x, batch_size, distributed),
-            seconds=time.perf_counter() - start,
-            train_loss=total_loss.item() / n_train,
-            step=step,
-        )
+        stats = run.epoch(train_x, valid_x, epoch, step, history, dynamic_binarization)
+        step = stats.step
         history.append(stats)
         bar.set_postfix(
             train_elbo=f"{stats.train_elbo:.2f}", valid=f"{stats.valid_elbo:.2f}"
         )
         if on_epoch is not None:
             on_epoch(stats)
-    return history, optimizer
+    return history, run.optimizer
+
+
+class _Run:
+    """What every step of one call of :func:`train` shares, and the epoch loop.
+
+    The order of operations in a step (loss, finiteness, backward, agreement across
+    processes, clipping, Adam) is fixed: a resumed run and tests/test_step.py rely on
+    it to reproduce the plain path bit for bit.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss_fn: torch.nn.Module,
+        elbo_fn: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        jit: bool,
+        reports_elbo: bool,
+        batch_size: int,
+        grad_clip: float,
+        should_stop: Callable[[], bool] | None,
+        distributed: DistContext | None,
+        check_each_step: bool,
+    ) -> None:
+        self.loss_fn, self.elbo_fn, self.optimizer = loss_fn, elbo_fn, optimizer
+        self.step_loss: Callable[[torch.Tensor], torch.Tensor] = StepLoss(
+            loss_fn, jit=jit
+        )
+        # a different objective is minimized: its batches' ELBO is computed beside it
+        self.step_elbo = None if reports_elbo else StepLoss(elbo_fn, jit=jit)
+        self.batch_size = self.step_batch = batch_size
+        self.grad_clip, self.should_stop = grad_clip, should_stop
+        self.distributed, self.check_each_step = distributed, check_each_step
+        if distributed is not None:  # DDP averages the gradients of every backward()
+            self.step_loss = distributed.data_parallel(
+                self.step_loss, loss_fn, should_stop
+            )
+            self.step_batch = distributed.local_batch_size(batch_size)
+
+    def epoch(
+        self,
+        train_x: torch.Tensor,
+        valid_x: torch.Tensor,
+        epoch: int,
+        step: int,
+        history: list[EpochStats],
+        dynamic: bool,
+    ) -> EpochStats:
+        """One pass over ``train_x`` (this process's shard), then its statistics."""
+        start = time.perf_counter()
+        self.loss_fn.train()  # train mode for every network in the model and guide
+        dist = self.distributed
+        order = None if dist is None else dist.shard_order(len(train_x), epoch)
+        data = batches(
+            train_x, self.step_batch, shuffle=True, dynamic=dynamic, order=order
+        )
+        total_loss = torch.zeros((), device=train_x.device, dtype=torch.float64)
+        total_elbo = torch.zeros_like(total_loss)
+        seen = 0
+        for x in data:
+            step += 1
+            seen += len(x)
+            loss, stop = self._step(x, epoch, step, history)
+            total_loss += loss.detach().double()
+            if self.step_elbo is not None:
+                with torch.no_grad():
+                    total_elbo -= self.step_elbo(x).double()
+            if dist is None:
+                if not self.check_each_step and step % SYNC_EVERY == 0:
+                    _check_finite(total_loss, epoch, step, history, lagged=True)
+                stop = self.should_stop is not None and self.should_stop()
+            if stop:
+                raise TrainingInterrupted(epoch, step)
+        self.loss_fn.eval()
+        n_train = len(train_x)
+        if dist is not None:  # sums over every process's shard
+            summed = dist.all_sum(total_loss, total_elbo, seen)
+            total_loss, total_elbo = torch.tensor(summed[:2], dtype=torch.float64)
+            n_train = round(summed[2])
+            dist.check_in_sync(self.loss_fn, epoch)
+        lagged = not self.check_each_step
+        _check_finite(total_loss, epoch, step, history, lagged=lagged)
+        if self.step_elbo is None:
+            total_elbo = -total_loss
+        return EpochStats(
+            epoch=epoch,
+            train_elbo=total_elbo.item() / n_train,
+            valid_elbo=dataset_elbo(self.elbo_fn, valid_x, self.batch_size, dist),
+            seconds=time.perf_counter() - start,
+            train_loss=total_loss.item() / n_train,
+            step=step,
+        )
+
+    def _step(
+        self, x: torch.Tensor, epoch: int, step: int, history: list[EpochStats]
+    ) -> tuple[torch.Tensor, bool]:
+        """One optimizer step on batch ``x``: its loss, and whether to stop after it."""
+        dist = self.distributed
+        loss = _loss(self.step_loss, x)
+        if self.check_each_step and dist is None:
+            _check_finite(loss, epoch, step, history)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss / len(x)).backward()
+        stop = False
+        if dist is not None and (self.check_each_step or step % SYNC_EVERY == 0):
+            finite, stop = dist.agree()  # the same answer on every process
+            if not finite:
+                raise _non_finite(
+                    f"not finite on at least one of the {dist.world_size} processes",
+                    epoch,
+                    step,
+                    history,
+                    lagged=not self.check_each_step,
+                )
+        if self.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        return loss, stop
 
 
 class TrainingInterrupted(PyroVAEError):
@@ -274,7 +333,9 @@ class TrainingInterrupted(PyroVAEError):
         self.epoch, self.step = epoch, step
 
 
-def _loss(step_loss: StepLoss, x: torch.Tensor) -> torch.Tensor:
+def _loss(
+    step_loss: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
     """The batch loss; a NaN that validation catches becomes a NaN loss.
 
     Pyro's own "Encountered NaN" warning is silenced: :func:`_check_finite` stops
