@@ -93,7 +93,8 @@ class FitConfig:
     jit: bool = _f(
         True,
         "run Pyro eagerly every step instead of replaying the loss traced once per "
-        "batch shape (same numbers; needed if the model branches on data values)",
+        "batch shape (same draws and gradients; needed if the model branches on data "
+        "values)",
     )
     device: str = _f("auto", "auto (CUDA when available), cpu, cuda or cuda:I")
     devices: int = _f(

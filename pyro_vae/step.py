@@ -35,7 +35,9 @@ This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,9 +90,9 @@ class StepLoss:
     def _trace(self, x: torch.Tensor) -> torch.jit.ScriptModule | None:
         try:
             with torch.random.fork_rng(_cuda(x)), _items_stay_tensors():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # deprecation notice
-                    return torch.jit.trace(self.loss_fn, (x,), check_trace=False)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    graph = torch.jit.trace(self.loss_fn, (x,), check_trace=False)
         except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
             self.jit = False
             reason = (str(err).splitlines() or [""])[0]
@@ -102,11 +104,44 @@ class StepLoss:
                 stacklevel=3,
             )
             return None
+        _warn_about_user_branches(caught)
+        return graph
+
+
+_TRACE_LOCK = threading.Lock()
 
 
 def _cuda(x: torch.Tensor) -> list[torch.device]:
     """The devices whose generators fork_rng must rewind besides the CPU's."""
     return [x.device] if x.device.type == "cuda" else []
+
+
+def _warn_about_user_branches(caught: list[warnings.WarningMessage]) -> None:
+    """Pass on the tracer's warnings that point into user code, not torch or Pyro.
+
+    A TracerWarning from the user's model or guide (a Python ``if`` on a tensor, a
+    ``.item()``) means the trace froze a value: such a model needs ``--no-jit``. The
+    ones torch, Pyro and pyro_vae raise in their own code branch on shapes (fixed per
+    trace) or re-check data already checked, and are harmless here.
+    """
+    packages = ("torch", "pyro", "pyro_vae", "pyro_vae.models", "pyro_vae.guides")
+    homes = tuple(
+        os.path.dirname(os.path.abspath(sys.modules[name].__file__))
+        for name in packages
+        if getattr(sys.modules.get(name), "__file__", None)
+    )
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning) and not any(
+            os.path.abspath(w.filename).startswith(home) for home in homes
+        ):
+            warnings.warn(
+                f"the traced loss froze a Python value at {w.filename}:{w.lineno} "
+                f"({w.message}); if the model or guide branches on data values, "
+                "train with --no-jit (jit=False)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
 
 
 def _detach(value: object) -> object:
@@ -123,21 +158,25 @@ def _items_stay_tensors() -> Iterator[None]:
     first batch's value plus a difference. Detached tensors keep the value live (what
     Pyro's own TraceMeanField_ELBO does when it sees the tracer); the gradient, which
     flows through the surrogate, is untouched. Every loaded module that imported
-    ``torch_item`` (Pyro's ELBOs, InfoVAE, a user's loss) is patched for the trace.
+    ``torch_item`` (Pyro's ELBOs, InfoVAE, a user's loss) is patched for the trace;
+    a lock keeps two traces from overlapping. While a trace runs, another thread's
+    Pyro ``loss()`` would also get tensors back: trace before sharing a model.
     """
     original = pyro_util.torch_item  # its home module stays unpatched, for imports
-    patched = [
-        module
-        for module in list(sys.modules.values())
-        if module is not pyro_util and getattr(module, "torch_item", None) is original
-    ]
-    for module in patched:
-        module.torch_item = _detach
-    try:
-        yield
-    finally:
+    with _TRACE_LOCK:
+        patched = [
+            module
+            for module in list(sys.modules.values())
+            if module is not pyro_util
+            and getattr(module, "__dict__", {}).get("torch_item") is original
+        ]
         for module in patched:
-            module.torch_item = original
+            module.torch_item = _detach
+        try:
+            yield
+        finally:
+            for module in patched:
+                module.torch_item = original
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Adam:

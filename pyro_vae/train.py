@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ELBOS",
+    "MAX_PLATE_NESTING",
     "SYNC_EVERY",
     "EpochStats",
     "NonFiniteLossError",
@@ -65,10 +66,15 @@ __all__ = [
 
 ELBOS: dict[str, type[ELBO]] = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 SYNC_EVERY = 50  # steps between finiteness checks on CUDA (one host sync each)
+MAX_PLATE_NESTING = 1  # the "data" plate of the model contract (pyro_vae.models.vae)
 
 
 class NonFiniteLossError(PyroVAEError):
-    """The loss became NaN or infinite; no optimizer step was taken on it."""
+    """The loss became NaN or infinite.
+
+    On CPU no optimizer step was taken on it; on CUDA the check lags by up to
+    :data:`SYNC_EVERY` steps (module docstring).
+    """
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,16 @@ class EpochStats:
 
 
 def make_elbo(name: str, num_particles: int = 1) -> ELBO:
-    """``Trace_ELBO`` or ``TraceMeanField_ELBO``; particles are vectorized."""
+    """``Trace_ELBO`` or ``TraceMeanField_ELBO``; particles are vectorized.
+
+    ``max_plate_nesting=1`` is the model contract (one ``"data"`` plate). Given, it
+    spares Pyro's first-call guess, which draws z once more: a guess would make the
+    first step of a traced, an eager and a resumed run use different draws.
+    """
     return ELBOS[name](
-        num_particles=num_particles, vectorize_particles=num_particles > 1
+        num_particles=num_particles,
+        vectorize_particles=num_particles > 1,
+        max_plate_nesting=MAX_PLATE_NESTING,
     )
 
 
@@ -161,7 +174,8 @@ def train(
         should_stop: polled after every step; when it returns True training stops
             with :class:`TrainingInterrupted` (e.g. on SIGINT).
         jit: trace each step's loss once per batch shape (:class:`StepLoss`);
-            ``False`` runs Pyro eagerly. The numbers are the same either way.
+            ``False`` runs Pyro eagerly. The draws and gradients are the same
+            either way; the reported loss may differ in its last digit.
         distributed: train on several processes (module docstring): this process
             takes its shard of each epoch, ``batch_size`` is the global batch, and
             the returned stats are over all processes. A stop request or a
@@ -283,9 +297,10 @@ class _Run:
             summed = dist.all_sum(total_loss, total_elbo, seen)
             total_loss, total_elbo = torch.tensor(summed[:2], dtype=torch.float64)
             n_train = round(summed[2])
-            dist.check_in_sync(self.loss_fn, epoch)
         lagged = not self.check_each_step
         _check_finite(total_loss, epoch, step, history, lagged=lagged)
+        if dist is not None:  # after the NaN check: a NaN explains a mismatch
+            dist.check_in_sync(self.loss_fn, epoch)
         if self.step_elbo is None:
             total_elbo = -total_loss
         return EpochStats(
@@ -303,8 +318,8 @@ class _Run:
         """One optimizer step on batch ``x``: its loss, and whether to stop after it."""
         dist = self.distributed
         loss = _loss(self.step_loss, x)
-        if self.check_each_step and dist is None:
-            _check_finite(loss, epoch, step, history)
+        if (self.check_each_step and dist is None) or not loss.requires_grad:
+            _check_finite(loss, epoch, step, history)  # (no graph: validation's NaN)
         self.optimizer.zero_grad(set_to_none=True)
         (loss / len(x)).backward()
         stop = False

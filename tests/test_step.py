@@ -51,11 +51,15 @@ def _data(n=40):
 
 
 def _run(loss_fn, call, x, steps, optimizer):
-    """Take ``steps`` steps on fixed batches; return the losses and parameters."""
+    """Take ``steps`` steps on fixed batches; return the losses and parameters.
+
+    Seeded once: a path that spent one draw more or less than eager Pyro on any
+    step would differ from then on.
+    """
     losses = []
+    pyro.set_rng_seed(100)
     for i in range(steps):
         batch = x[8 * i : 8 * (i + 1)] if i % 2 else x[: 8 * (i + 1)]  # two shapes
-        pyro.set_rng_seed(100 + i)
         loss = call(batch)
         optimizer.zero_grad()
         (loss / len(batch)).backward()
@@ -70,13 +74,29 @@ def test_traced_loss_gives_the_eager_gradients_bit_for_bit(name):
     runs = []
     for traced in (False, True):
         model, guide = _parts(PARTS[name])
-        loss_fn = Trace_ELBO()(model, guide)
+        loss_fn = make_elbo("trace")(model, guide)
         call = StepLoss(loss_fn) if traced else loss_fn
         opt = make_optimizer(loss_fn.parameters(), 1e-2)
         runs.append(_run(loss_fn, call, x, 5, opt))
     (eager_losses, eager_params), (jit_losses, jit_params) = runs
     assert jit_losses == pytest.approx(eager_losses, rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(eager_params, jit_params, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "particles"), [("trace", 4), ("meanfield", 1), ("meanfield", 3)]
+)
+def test_traced_estimators_match_eager(name, particles):
+    """Vectorized particles and the analytic KL, through StepLoss(jit=False) too."""
+    x = _data()
+    runs = []
+    for jit in (False, True):
+        model, guide = _parts({})
+        loss_fn = make_elbo(name, particles)(model, guide)
+        opt = make_optimizer(loss_fn.parameters(), 1e-2)
+        runs.append(_run(loss_fn, StepLoss(loss_fn, jit=jit), x, 5, opt))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
 
 def test_traced_infovae_objective_matches_eager():
@@ -142,6 +162,25 @@ def test_tracing_restores_pyros_torch_item():
     step(_data()[:8])  # validates, traces and runs
     assert pyro.infer.trace_elbo.torch_item is torch_item
     assert step._graphs  # it did trace
+
+
+class _Branchy(PyroModule):
+    """Branches on a data value: the trace would freeze the branch taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        shift = 1.0 if x.sum() > 0 else -1.0
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(self.w + shift, 1.0).to_event(1), obs=x)
+
+
+def test_a_model_branching_on_data_values_is_named_when_traced():
+    step = StepLoss(Trace_ELBO()(_Branchy(), lambda x: None))
+    with pytest.warns(RuntimeWarning, match=r"froze a Python value.*--no-jit"):
+        step(torch.randn(8, 3))
 
 
 class _Untraceable(PyroModule):

@@ -32,7 +32,7 @@ from pyro_vae.distributed.failures import (
 )
 from pyro_vae.distributed.launch import cpu_cores
 from pyro_vae.distributed.replica import Replica
-from pyro_vae.errors import ConfigError, PyroVAEError
+from pyro_vae.errors import ConfigError
 
 __all__ = ["DistContext", "init_from_env"]
 
@@ -249,16 +249,18 @@ class DistContext:
     def main_only(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` on rank 0 only; every process gets its result.
 
-        If it fails with a :class:`PyroVAEError`, rank 0 raises that error and the
-        others raise :class:`DistributedError` pointing at it, instead of waiting.
+        If it fails (a :class:`PyroVAEError`, or any other error such as an
+        ``OSError`` writing the run directory), rank 0 raises that error and the
+        others raise :class:`DistributedError` pointing at it, instead of waiting
+        for the collective timeout.
         """
         box: list[Any] = [None, None]
-        error: PyroVAEError | None = None
+        error: Exception | None = None
         if self.is_main:
             try:
                 box[0] = fn()
-            except PyroVAEError as err:
-                error, box[1] = err, str(err)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after telling
+                error, box[1] = err, f"{type(err).__name__}: {err}"
         with self.guard(what):
             dist.broadcast_object_list(box, src=0, group=self.host_group)
         if error is not None:

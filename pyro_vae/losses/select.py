@@ -54,4 +54,5 @@ def make_objective(
         kernel=make_kernel(kernel, bandwidth),
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
+        max_plate_nesting=1,  # the model contract's "data" plate; no first-call guess
     )
