@@ -8,6 +8,9 @@ MASTER_ADDR and MASTER_PORT set, as torchrun would set them:
 * ``elbo OUT EPOCHS SEED...``: train one tiny VAE per seed, rank 0 writes the final
   validation ELBOs to ``OUT`` (JSON); :func:`valid_elbos` is the same code, and runs
   in one process when WORLD_SIZE is unset;
+* ``nan-params OUT``: as ``params``, but process 1's loss turns NaN at its step 20
+  (epoch 2); each process catches the NonFiniteLossError and saves its parameters
+  and the error's message;
 * ``fit FAULT RANK STEP ARGS...``: ``python -m pyro_vae.fit ARGS``, except that at its
   training step STEP, process RANK exits abruptly (FAULT ``exit``: ``os._exit(1)``) or
   its loss turns NaN (``nan``); FAULT ``none`` runs the command as it is.
@@ -38,12 +41,14 @@ def _context():
     return distributed.init_from_env(torch.device("cpu"), seed=0)
 
 
-def _train(seed, epochs, ctx, batch_size=100):
+def _train(seed, epochs, ctx, batch_size=100, model_and_guide=None):
     from pyro_vae.train import make_elbo, train
 
     pyro.settings.set(module_local_params=True)
     pyro.set_rng_seed(seed)
-    model, guide = build_model_and_guide(FitConfig(**TINY), 64, (1, 8, 8))
+    if model_and_guide is None:
+        model_and_guide = build_model_and_guide(FitConfig(**TINY), 64, (1, 8, 8))
+    model, guide = model_and_guide
     model, guide = model.to(torch.float32), guide.to(torch.float32)
     splits = binarize_splits(load_dataset("digits"), "dynamic")
     if ctx is not None:
@@ -67,6 +72,21 @@ def _train(seed, epochs, ctx, batch_size=100):
 def valid_elbos(seeds, epochs, ctx=None, batch_size=100):
     """The final validation ELBO (nats per datum) of one short run per seed."""
     return [_train(seed, epochs, ctx, batch_size)[2][-1].valid_elbo for seed in seeds]
+
+
+def _nan_on_rank_1(step):
+    """From process 1's ``step``-th loss on, the loss is NaN (it still has a graph)."""
+    import pyro_vae.train as train_module
+
+    real_loss, calls = train_module._loss, [0]
+
+    def faulty_loss(step_loss, x):
+        calls[0] += 1
+        loss = real_loss(step_loss, x)
+        return loss * float("nan") if calls[0] >= step else loss
+
+    if int(os.environ["RANK"]) == 1:
+        train_module._loss = faulty_loss
 
 
 def main(argv):
@@ -100,6 +120,21 @@ def main(argv):
                 "guide": guide.state_dict(),
                 "history": [vars(h) for h in history],
             }
+            torch.save(state, os.path.join(args[0], f"rank{ctx.rank}.pt"))
+        elif task == "nan-params":
+            from pyro_vae.train import NonFiniteLossError
+
+            _nan_on_rank_1(20)
+            pyro.settings.set(module_local_params=True)
+            pyro.set_rng_seed(0)
+            model, guide = build_model_and_guide(FitConfig(**TINY), 64, (1, 8, 8))
+            try:
+                _train(0, 3, ctx, model_and_guide=(model, guide))
+                message = "no error"
+            except NonFiniteLossError as err:
+                message = str(err)
+            state = {"model": model.state_dict(), "guide": guide.state_dict()}
+            state["message"] = message
             torch.save(state, os.path.join(args[0], f"rank{ctx.rank}.pt"))
         elif task == "elbo":
             out, epochs, *seeds = args

@@ -116,6 +116,26 @@ def test_two_processes_end_with_identical_parameters(tmp_path):
     assert all(math.isfinite(h["valid_elbo"]) for h in rank0["history"])
 
 
+def test_a_nan_on_one_process_is_never_stepped_on(tmp_path):
+    """Rank 1's NaN loss reaches DDP's averaged gradients; no process steps on it.
+
+    Had either process taken the step, the averaged NaN gradient would have made
+    its parameters NaN; they stay finite, and equal on both processes.
+    """
+    results = _spawn("nan-params", tmp_path)
+    assert [status for status, _ in results] == [0, 0], results
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for state in (rank0, rank1):
+        assert (
+            "not finite on at least one of the 2 processes at epoch 2, step 20"
+            in (state["message"])
+        ), state["message"]
+    for part in ("model", "guide"):
+        for name, value in rank0[part].items():
+            assert torch.isfinite(value).all(), (part, name)
+            assert torch.equal(value, rank1[part][name]), (part, name)
+
+
 def test_validation_elbo_matches_single_process_training(tmp_path):
     seeds, epochs = range(6), 5
     results = _spawn("elbo", tmp_path / "elbo.json", epochs, *seeds)
