@@ -17,6 +17,9 @@ final evaluation; the others leave once training is done. A resumed run loads ra
 re-seed from the epoch they start at). If a process dies, the others stop with
 :class:`pyro_vae.distributed.DistributedError` and rank 0 writes the last finished
 epoch's checkpoint.
+
+The checks before training live in :mod:`pyro_vae.preflight`, the end of the run
+(final ELBOs, evaluation, figures, report) in :mod:`pyro_vae.finish`.
 """
 
 from __future__ import annotations
@@ -32,9 +35,7 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import ELBO
-from torch.distributions import kl_divergence
 from torch.nn import Module
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
@@ -43,22 +44,19 @@ from pyro_vae import distributed, rundir
 from pyro_vae.build import build_model_and_guide
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import FitConfig, resolve_device
-from pyro_vae.data import Splits, evaluation_split
+from pyro_vae.data import Splits
 from pyro_vae.distributed import DistContext, DistributedError
-from pyro_vae.errors import ConfigError, DataError, PyroVAEError
-from pyro_vae.evaluate.latents import latent_diagnostics
-from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
-from pyro_vae.figures import save_figures
+from pyro_vae.errors import ConfigError, PyroVAEError
+from pyro_vae.finish import finish_run
 from pyro_vae.loading import load_run_data
 from pyro_vae.losses import make_objective
-from pyro_vae.report import build_report
+from pyro_vae.preflight import check_closed_form_kl, check_support
 from pyro_vae.resume import restore_rng, snapshot
 from pyro_vae.step import make_optimizer
 from pyro_vae.train import (
     EpochStats,
     NonFiniteLossError,
     TrainingInterrupted,
-    dataset_elbo,
     make_elbo,
     train,
 )
@@ -119,7 +117,7 @@ def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
             ctx.close()
     if ctx is not None and not ctx.is_main:
         return parts[-2]
-    return _finish(cfg, *parts, device, started)
+    return finish_run(cfg, *parts, device, started)
 
 
 def _check_world(cfg: FitConfig, ctx: DistContext | None) -> FitConfig:
@@ -160,9 +158,9 @@ def _setup_and_train(
         )
     model, guide = build_model_and_guide(cfg, splits.data_dim, splits.image_shape)
     model, guide = model.to(device, torch.float32), guide.to(device, torch.float32)
-    _check_support(model.likelihood, splits, binarize)
+    check_support(model.likelihood, splits, binarize)
     if cfg.elbo == "meanfield":
-        _check_closed_form_kl(model, guide, splits.valid[:2], cfg)
+        check_closed_form_kl(model, guide, splits.valid[:2], cfg)
     optimizer = make_optimizer(torch.nn.ModuleList([model, guide]).parameters(), cfg.lr)
     if ctx is not None:
         ctx.local_batch_size(cfg.batch_size)  # refuse an uneven split up front
@@ -327,77 +325,6 @@ def _lost(
     )
 
 
-def _finish(
-    cfg: FitConfig,
-    model: Module,
-    guide: Module,
-    splits: Splits,
-    out: Path,
-    history: list[EpochStats],
-    device: torch.device,
-    started: float,
-) -> Path:
-    """Final ELBOs, the importance-sampled evaluation, figures, metrics, report."""
-    binarize = cfg.resolved_binarize()
-    loss_fn = make_elbo(cfg.elbo, cfg.num_particles)(model, guide)
-    final = {
-        split: dataset_elbo(
-            loss_fn, evaluation_split(splits, split, binarize), cfg.batch_size
-        )
-        for split in ("train", "valid", "test")
-    }
-    evaluation = None
-    if not cfg.eval_k:  # a resumed run must not show an older evaluation
-        for stale in (
-            "evaluation.json",
-            "evaluation.nc",
-            "figures/iwae_vs_k.png",
-            "figures/khat.png",
-        ):
-            (out / stale).unlink(missing_ok=True)
-    if cfg.eval_k:
-        evaluation = evaluate_split(
-            model,
-            guide,
-            splits.test,
-            out,
-            k=cfg.eval_k,
-            seed=cfg.seed,
-            split="test",
-            binarization=rundir.binarization_note(binarize),
-        )
-    log_px = None
-    if evaluation is not None:
-        log_px = (evaluation["log_px"]["mean"], evaluation["log_px"]["se"])
-    save_figures(out, model, guide, splits, history, log_px, seed=cfg.seed)
-    latents = (
-        evaluation["latents"]
-        if evaluation is not None
-        else latent_diagnostics(model, guide, splits.test, seed=cfg.seed)
-    )
-    metrics = rundir.save_metrics(
-        out,
-        cfg,
-        final,
-        splits,
-        device,
-        binarize,
-        time.perf_counter() - started,
-        evaluation,
-        latents,
-    )
-    report = build_report(out)
-    if not cfg.quiet:
-        print(rundir.summary(cfg, metrics, out))
-        if evaluation is None:
-            print(latents_line(latents) + " (test split)")
-        else:
-            print("\nimportance-sampled evaluation (evaluation.json):")
-            print(format_summary(evaluation))
-        print(f"\nreport: {report}")
-    return out
-
-
 def _objective(cfg: FitConfig) -> ELBO | None:
     """None for the plain ELBO (``--elbo`` picks it), else the InfoVAE-family loss."""
     if cfg.loss == "elbo":
@@ -426,38 +353,3 @@ def _report_epoch(out: Path, stats: EpochStats, cfg: FitConfig) -> None:
         if cfg.loss != "elbo":
             line += f"  {cfg.loss} loss {stats.train_loss:9.3f}"
         tqdm.write(line)
-
-
-def _check_closed_form_kl(
-    model: torch.nn.Module, guide: torch.nn.Module, x: torch.Tensor, cfg: FitConfig
-) -> None:
-    """``--elbo meanfield`` needs KL(q(z|x) || p(z)) in closed form: refuse otherwise.
-
-    Pyro's TraceMeanField_ELBO silently falls back to a Monte Carlo KL; pyro_vae
-    refuses instead, so that "meanfield" always means the analytic KL.
-    """
-    with torch.no_grad(), torch.random.fork_rng():
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, guide_trace)).get_trace(x)
-    q, p = guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]
-    try:
-        kl_divergence(q, p)
-    except NotImplementedError:
-        raise ConfigError(
-            f"--elbo meanfield needs KL(q(z|x) || p(z)) in closed form, and there is "
-            f"none for the {cfg.guide} guide ({type(q).__name__}) against the "
-            f"{cfg.prior} prior ({type(p).__name__}); use --elbo trace (a Monte Carlo "
-            "KL) for this pair"
-        ) from None
-
-
-def _check_support(likelihood: object, splits: Splits, binarize: str) -> None:
-    """Every split the likelihood will score must lie in its support."""
-    scored = [splits.valid, splits.test]
-    if binarize != "dynamic":  # dynamic batches are Bernoulli draws: binary by design
-        scored.append(splits.train)
-    try:
-        for x in scored:
-            likelihood.check_data(x)
-    except ValueError as err:
-        raise DataError(str(err)) from None
