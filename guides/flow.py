@@ -25,6 +25,7 @@ from pyro.distributions.transforms import ConditionalAffineAutoregressive
 from pyro.nn import ConditionalAutoRegressiveNN, PyroModule
 from torch import nn
 
+from pyro_vae.guides.gaussian import check_guide_args
 from pyro_vae.nn import softplus_floor
 
 __all__ = ["FlowGuide"]
@@ -79,13 +80,9 @@ class FlowGuide(PyroModule):
         scale_floor: float = 1e-4,
     ) -> None:
         super().__init__()
-        if latent_dim < 1 or flow_steps < 0:
-            raise ValueError(
-                f"latent_dim must be positive and flow_steps non-negative, got "
-                f"{latent_dim} and {flow_steps}"
-            )
-        if not scale_floor > 0:
-            raise ValueError(f"scale_floor must be positive, got {scale_floor}")
+        check_guide_args(latent_dim, scale_floor)
+        if flow_steps < 0:
+            raise ValueError(f"flow_steps must be non-negative, got {flow_steps}")
         self.encoder = encoder
         self.latent_dim, self.scale_floor = latent_dim, scale_floor
         self.context_dim = self.default_context_dim(latent_dim, flow_steps, context_dim)

@@ -18,6 +18,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_vae.guides.gaussian import check_guide_args
 from pyro_vae.nn import softplus_floor
 
 __all__ = ["FullRankNormalGuide"]
@@ -49,10 +50,7 @@ class FullRankNormalGuide(PyroModule):
         self, encoder: nn.Module, latent_dim: int, scale_floor: float = 1e-4
     ) -> None:
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
-        if not scale_floor > 0:
-            raise ValueError(f"scale_floor must be positive, got {scale_floor}")
+        check_guide_args(latent_dim, scale_floor)
         self.encoder = encoder
         self.latent_dim, self.scale_floor = latent_dim, scale_floor
         self.register_buffer(

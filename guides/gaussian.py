@@ -10,7 +10,15 @@ from torch import nn
 
 from pyro_vae.nn import softplus_floor
 
-__all__ = ["DiagonalNormalGuide"]
+__all__ = ["DiagonalNormalGuide", "check_guide_args"]
+
+
+def check_guide_args(latent_dim: int, scale_floor: float) -> None:
+    """Refuse a latent size below 1 or a non-positive scale floor, naming the value."""
+    if latent_dim < 1:
+        raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+    if not scale_floor > 0:
+        raise ValueError(f"scale_floor must be positive, got {scale_floor}")
 
 
 class DiagonalNormalGuide(PyroModule):
@@ -35,10 +43,7 @@ class DiagonalNormalGuide(PyroModule):
         self, encoder: nn.Module, latent_dim: int, scale_floor: float = 1e-4
     ) -> None:
         super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
-        if not scale_floor > 0:
-            raise ValueError(f"scale_floor must be positive, got {scale_floor}")
+        check_guide_args(latent_dim, scale_floor)
         self.encoder = encoder
         self.latent_dim = latent_dim
         self.scale_floor = scale_floor

@@ -18,6 +18,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_vae.guides.gaussian import check_guide_args
 from pyro_vae.nn import softplus_floor
 
 __all__ = ["LowRankNormalGuide"]
@@ -56,13 +57,9 @@ class LowRankNormalGuide(PyroModule):
         scale_floor: float = 1e-4,
     ) -> None:
         super().__init__()
-        if latent_dim < 1 or rank < 1:
-            raise ValueError(
-                f"latent_dim and rank must be positive integers, got {latent_dim} "
-                f"and {rank}"
-            )
-        if not scale_floor > 0:
-            raise ValueError(f"scale_floor must be positive, got {scale_floor}")
+        check_guide_args(latent_dim, scale_floor)
+        if rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank}")
         self.encoder = encoder
         self.latent_dim, self.rank, self.scale_floor = latent_dim, rank, scale_floor
 

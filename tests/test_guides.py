@@ -407,3 +407,18 @@ def test_fullrank_guide_reaches_the_exact_posterior():
     assert kl.max() < 0.02, kl
     assert (result.elbo <= exact + 5 * result.elbo_se).all()
     assert (exact - result.elbo).mean() < 0.02
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda e: DiagonalNormalGuide(e, 0), "latent_dim must be a positive"),
+        (lambda e: FullRankNormalGuide(e, 3, scale_floor=0.0), "scale_floor must"),
+        (lambda e: LowRankNormalGuide(e, 3, rank=0), "rank must be a positive"),
+        (lambda e: FlowGuide(e, 3, flow_steps=-1), "flow_steps must be non-neg"),
+        (lambda e: FlowGuide(e, -2), "latent_dim must be a positive"),
+    ],
+)
+def test_guides_refuse_impossible_sizes_by_name(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(nn.Identity())
