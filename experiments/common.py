@@ -74,6 +74,32 @@ def fit(
     return model, guide, history
 
 
+def fit_with_flags(args, x_train, x_valid, loss: str, **overrides):  # noqa: ANN001, ANN201
+    """:func:`fit` with the settings of :func:`add_model_flags` (overrides win)."""
+    settings = {
+        "steps": args.steps,
+        "latent_dim": args.latent_dim,
+        "hidden": args.hidden,
+        "lam": args.lam,
+        "alpha": args.alpha,
+        "seed": args.seed,
+    }
+    return fit(x_train, x_valid, loss=loss, **(settings | overrides))
+
+
+def save_outputs(args, name: str, fig, results: dict) -> None:  # noqa: ANN001
+    """Write ``NAME.png`` and ``NAME.json`` (the settings, then the results)."""
+    import matplotlib.pyplot as plt
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / f"{name}.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+    }
+    write_json(args.out / f"{name}.json", {"settings": settings, **results})
+
+
 def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -26,7 +26,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_model_flags, fit, load, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_model_flags,
+    fit_with_flags,
+    load,
+    save_outputs,
+)
 
 from pyro_vae.evaluate.latents import latent_diagnostics  # noqa: E402
 
@@ -56,16 +61,8 @@ def run(args: argparse.Namespace) -> dict:
     x_scored = torch.bernoulli(x_train, generator=gen)
     results, densities = {}, {}
     for loss in ("elbo", args.loss):
-        model, guide, history = fit(
-            x_train,
-            splits.valid[:1000],
-            loss=loss,
-            steps=args.steps,
-            latent_dim=2,
-            hidden=args.hidden,
-            lam=args.lam,
-            alpha=args.alpha,
-            seed=args.seed,
+        model, guide, history = fit_with_flags(
+            args, x_train, splits.valid[:1000], loss, latent_dim=2
         )
         q = aggregate_density(guide, x_scored, grid)
         kl = (q * (q.clamp_min(1e-300).log() - prior.log())).sum() * cell
@@ -107,13 +104,7 @@ def run(args: argparse.Namespace) -> dict:
         f"p(z) = N(0, I) (dashed), "
         f"{len(x_train)} {args.dataset} training images"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "contours_2d.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    settings = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-    }
-    write_json(args.out / "contours_2d.json", {"settings": settings, **results})
+    save_outputs(args, "contours_2d", fig, results)
     return results
 
 

@@ -26,7 +26,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_model_flags, fit, load, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_model_flags,
+    fit_with_flags,
+    load,
+    write_json,
+)
 
 from pyro_vae.evaluate.latents import latent_diagnostics  # noqa: E402
 
@@ -37,16 +42,8 @@ def run(args: argparse.Namespace) -> dict:
     for n in args.sizes:
         x_train = splits.train[:n]
         for loss in ("elbo", args.loss):
-            model, guide, history = fit(
-                x_train,
-                splits.valid[:1000],
-                loss=loss,
-                steps=args.steps,
-                latent_dim=args.latent_dim,
-                hidden=args.hidden,
-                lam=args.lam,
-                alpha=args.alpha,
-                seed=args.seed,
+            model, guide, history = fit_with_flags(
+                args, x_train, splits.valid[:1000], loss
             )
             # Score on a fixed binarization of the training images used.
             gen = torch.Generator().manual_seed(1)

@@ -24,7 +24,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_model_flags, fit, load, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_model_flags,
+    fit_with_flags,
+    load,
+    save_outputs,
+)
 
 from pyro_vae.evaluate import check_consistency, log_marginal  # noqa: E402
 from pyro_vae.evaluate.latents import latent_diagnostics  # noqa: E402
@@ -39,16 +44,8 @@ def run(args: argparse.Namespace) -> dict:
     x_show, x_eval = splits.test[:N_SHOWN], splits.test[: args.n_eval]
     results, pictures = {}, {}
     for loss in ("elbo", args.loss):
-        model, guide, history = fit(
-            splits.train,
-            splits.valid[:1000],
-            loss=loss,
-            steps=args.steps,
-            latent_dim=args.latent_dim,
-            hidden=args.hidden,
-            lam=args.lam,
-            alpha=args.alpha,
-            seed=args.seed,
+        model, guide, history = fit_with_flags(
+            args, splits.train, splits.valid[:1000], loss
         )
         pictures[loss] = (
             reconstruct(model, guide, x_show),
@@ -93,13 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         f"{args.dataset}, d = {args.latent_dim}, K = {args.k} importance samples on "
         f"{len(x_eval)} test images (dynamic binarization)"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out / "recon_samples.png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    settings = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-    }
-    write_json(args.out / "recon_samples.json", {"settings": settings, **results})
+    save_outputs(args, "recon_samples", fig, results)
     return results
 
 
