@@ -19,3 +19,18 @@ def test_custom_prior_and_likelihood_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "'mean'" in printed and "'se'" in printed
+
+
+def test_ci_installs_exactly_as_the_readme_says():
+    """.ci/run installs as the README's test command says and runs both commands."""
+    text = README.read_text()
+    section = text[text.index("## Set-up") : text.index("## Quickstart")]
+    commands = re.findall(r"```bash\n(.*?)\n```", section, re.S)
+    assert len(commands) == 2
+    ci = (README.parent / ".ci" / "run").read_text()
+    (main_install, main_run), (test_install, test_run) = (
+        command.split(" && ") for command in commands
+    )
+    assert test_install.replace("pip install ", "pip install -q ") in ci
+    assert main_install == test_install.replace('".[dev]"', ".")
+    assert test_run in ci and main_run in ci
