@@ -5,22 +5,37 @@ where ``k = likelihood.params_per_feature``, and returns a distribution with
 ``event_shape == (D,)`` and batch shape ``(..., N)``. ``check_data(x)`` raises a
 ``ValueError`` that names the problem and the fix when data lie outside the support.
 Adding a likelihood is one small class with these two methods.
+
+This file holds the likelihoods for data in [0, 1] and the registry; the Gaussian and
+Laplace likelihoods on the real line are in :mod:`pyro_vae.models.real_likelihoods`,
+their base in :mod:`pyro_vae.models.likelihood_base`. All are importable from here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.nn import PyroModule
-from torch import nn
 
 from pyro_vae.nn import softplus_floor
 
 from .discretized import BINS, DiscretizedLogistic
+from .likelihood_base import (
+    UNIT_FIX,
+    AbstractLikelihood,
+    check_unit_interval,
+    inverse_softplus_floor,
+    positive_floor,
+)
+from .real_likelihoods import (
+    DecoderGaussianLikelihood,
+    GaussianLikelihood,
+    LaplaceLikelihood,
+    LearnedGaussianLikelihood,
+    PixelGaussianLikelihood,
+)
 
 __all__ = [
     "BETA_EPS",
@@ -41,57 +56,6 @@ __all__ = [
 
 #: the Beta likelihood clamps observations to [BETA_EPS, 1 - BETA_EPS]
 BETA_EPS = 1e-3
-
-
-class AbstractLikelihood(PyroModule):
-    """Base of the built-in likelihoods; subclasses implement ``forward``."""
-
-    #: decoder outputs per data feature (2 for a likelihood that predicts loc and scale)
-    params_per_feature: int = 1
-
-    def forward(self, out: torch.Tensor) -> dist.Distribution:  # pragma: no cover
-        raise NotImplementedError
-
-    def check_data(self, x: torch.Tensor) -> None:
-        """Raise ``ValueError`` unless every value of ``x`` is finite."""
-        if not torch.isfinite(x).all():
-            raise ValueError(
-                f"{type(self).__name__} got non-finite data; remove or impute NaN and "
-                "inf values before training"
-            )
-
-
-def inverse_softplus_floor(value: float, floor: float) -> float:
-    """The raw rho with ``softplus(rho) + floor == value``; needs 0 < floor < value."""
-    if not (0 < floor < value < math.inf):
-        raise ValueError(
-            f"need 0 < sigma floor < initial sigma, got floor={floor}, "
-            f"init_sigma={value}; raise --sigma or lower --sigma-floor"
-        )
-    y = value - floor
-    return y + math.log(-math.expm1(-y))  # log(expm1(y)) without overflow
-
-
-def _positive_floor(floor: float) -> float:
-    if not (0 < floor < math.inf):
-        raise ValueError(f"--sigma-floor must be positive and finite, got {floor}")
-    return float(floor)
-
-
-def _check_unit_interval(x: torch.Tensor, name: str, fix: str) -> None:
-    """Raise ``ValueError`` naming the range found unless all of ``x`` is in [0, 1]."""
-    lo, hi = x.min().item(), x.max().item()
-    if lo < 0 or hi > 1:
-        raise ValueError(
-            f"the {name} likelihood needs data in [0, 1], but the values range over "
-            f"[{lo:.6g}, {hi:.6g}]; {fix}"
-        )
-
-
-_UNIT_FIX = (
-    "rescale them to [0, 1] (e.g. divide 8-bit intensities by 255) or use a "
-    "likelihood on the real line (--likelihood gaussian, gaussian-learned or laplace)"
-)
 
 
 class BernoulliLikelihood(AbstractLikelihood):
@@ -116,143 +80,6 @@ class BernoulliLikelihood(AbstractLikelihood):
             )
 
 
-class GaussianLikelihood(AbstractLikelihood):
-    """x_i | z ~ N(decoder(z)_i, sigma^2) with a fixed sigma.
-
-    With sigma = 1, -log p(x|z) = ||x - mu||^2 / 2 + (D/2) log(2 pi): the squared
-    error of a plain autoencoder plus a constant (AEVB appendix C.2).
-
-    Args:
-        sigma: the fixed observation noise, > 0.
-    """
-
-    def __init__(self, sigma: float = 1.0) -> None:
-        super().__init__()
-        if not (sigma > 0 and math.isfinite(sigma)):
-            raise ValueError(f"--sigma must be a positive finite number, got {sigma}")
-        self.sigma = float(sigma)
-
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(out, self.sigma).to_event(1)
-
-
-class LearnedGaussianLikelihood(AbstractLikelihood):
-    """x_i | z ~ N(decoder(z)_i, sigma^2) with one learned sigma for all pixels.
-
-    sigma = softplus(rho) + floor; the floor keeps log p(x|z) bounded when a pixel is
-    constant (MNIST's border), where an unfloored sigma would shrink to zero.
-
-    Args:
-        init_sigma: sigma at initialization, > floor.
-        floor: the smallest sigma allowed.
-    """
-
-    def __init__(self, init_sigma: float = 1.0, floor: float = 1e-3) -> None:
-        super().__init__()
-        self.floor = float(floor)
-        self.rho = nn.Parameter(torch.tensor(inverse_softplus_floor(init_sigma, floor)))
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return softplus_floor(self.rho, self.floor)
-
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(out, self.sigma).to_event(1)
-
-
-class PixelGaussianLikelihood(AbstractLikelihood):
-    """x_i | z ~ N(decoder(z)_i, sigma_i^2) with one learned sigma per pixel.
-
-    log p(x|z) = sum_i -(x_i - mu_i)^2 / (2 sigma_i^2) - log sigma_i - log(2 pi)/2,
-    sigma_i = softplus(rho_i) + floor with rho of shape (D,).
-
-    Args:
-        data_dim: D, the number of pixels.
-        init_sigma: every sigma_i at initialization, > floor.
-        floor: the smallest sigma allowed.
-
-    References:
-        Rybkin, Daniilidis & Levine (2021), Simple and Effective VAE Training with
-        Calibrated Decoders, arXiv:2006.13202.
-    """
-
-    def __init__(
-        self, data_dim: int | None, init_sigma: float = 1.0, floor: float = 1e-3
-    ) -> None:
-        super().__init__()
-        if data_dim is None or data_dim < 1:
-            raise ValueError(
-                "the gaussian-pixel likelihood learns one sigma per pixel and needs "
-                f"data_dim >= 1, got {data_dim}; pass data_dim=D"
-            )
-        self.floor = float(floor)
-        rho = inverse_softplus_floor(init_sigma, floor)
-        self.rho = nn.Parameter(torch.full((data_dim,), rho))
-
-    @property
-    def sigma(self) -> torch.Tensor:
-        return softplus_floor(self.rho, self.floor)  # (D,)
-
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(out, self.sigma).to_event(1)
-
-
-class DecoderGaussianLikelihood(AbstractLikelihood):
-    """x_i | z ~ N(mu_i(z), sigma_i(z)^2): the decoder predicts loc and scale.
-
-    mu = first block of the decoder output, sigma = softplus(raw + rho0) + floor from
-    the second (rho0 makes sigma = init_sigma at raw = 0); log p(x|z) as for
-    :class:`PixelGaussianLikelihood`.
-
-    Args:
-        init_sigma: sigma where the decoder's raw scale output is 0, > floor.
-        floor: the smallest sigma allowed.
-
-    References:
-        Kingma & Welling (2014), Auto-Encoding Variational Bayes, arXiv:1312.6114,
-        appendix C.2.
-    """
-
-    params_per_feature = 2
-
-    def __init__(self, init_sigma: float = 1.0, floor: float = 1e-3) -> None:
-        super().__init__()
-        self.floor = float(floor)
-        self.rho0 = inverse_softplus_floor(init_sigma, floor)
-
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
-        loc, raw = out.chunk(2, dim=-1)
-        return dist.Normal(loc, softplus_floor(raw + self.rho0, self.floor)).to_event(1)
-
-
-class LaplaceLikelihood(AbstractLikelihood):
-    """x_i | z ~ Laplace(decoder(z)_i, b) with one learned scale b for all pixels.
-
-    log p(x|z) = sum_i -|x_i - mu_i| / b - log(2 b), b = softplus(rho) + floor: an
-    L1 reconstruction error with a learned weight.
-
-    Args:
-        init_scale: b at initialization, > floor.
-        floor: the smallest b allowed.
-
-    References:
-        Kotz, Kozubowski & Podgorski (2001), The Laplace Distribution and
-        Generalizations, Birkhauser, ch. 2.
-    """
-
-    def __init__(self, init_scale: float = 1.0, floor: float = 1e-3) -> None:
-        super().__init__()
-        self.floor = float(floor)
-        self.rho = nn.Parameter(torch.tensor(inverse_softplus_floor(init_scale, floor)))
-
-    @property
-    def scale(self) -> torch.Tensor:
-        return softplus_floor(self.rho, self.floor)
-
-    def forward(self, out: torch.Tensor) -> dist.Distribution:
-        return dist.Laplace(out, self.scale).to_event(1)
-
-
 class ContinuousBernoulliLikelihood(AbstractLikelihood):
     """x_i | z ~ ContinuousBernoulli(sigmoid(decoder(z)_i)) for x in [0, 1].
 
@@ -272,7 +99,7 @@ class ContinuousBernoulliLikelihood(AbstractLikelihood):
 
     def check_data(self, x: torch.Tensor) -> None:
         super().check_data(x)
-        _check_unit_interval(x, "continuous-bernoulli", _UNIT_FIX)
+        check_unit_interval(x, "continuous-bernoulli", UNIT_FIX)
 
 
 class ClampedBeta(dist.Beta):
@@ -314,7 +141,7 @@ class BetaLikelihood(AbstractLikelihood):
 
     def __init__(self, floor: float = 1e-3) -> None:
         super().__init__()
-        self.floor = _positive_floor(floor)
+        self.floor = positive_floor(floor)
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:
         a, b = softplus_floor(out, self.floor).chunk(2, dim=-1)
@@ -322,7 +149,7 @@ class BetaLikelihood(AbstractLikelihood):
 
     def check_data(self, x: torch.Tensor) -> None:
         super().check_data(x)
-        _check_unit_interval(x, "beta", _UNIT_FIX)
+        check_unit_interval(x, "beta", UNIT_FIX)
         if bool(((x == 0) | (x == 1)).all()):
             raise ValueError(
                 "the beta likelihood needs grey levels in (0, 1), but the data are all "
@@ -350,7 +177,7 @@ class DiscretizedLogisticLikelihood(AbstractLikelihood):
 
     def __init__(self, floor: float = 1e-3) -> None:
         super().__init__()
-        self.floor = _positive_floor(floor)
+        self.floor = positive_floor(floor)
 
     def forward(self, out: torch.Tensor) -> dist.Distribution:
         loc, raw = out.chunk(2, dim=-1)
@@ -363,7 +190,7 @@ class DiscretizedLogisticLikelihood(AbstractLikelihood):
             "or use --binarize none with a continuous likelihood (--likelihood beta, "
             "continuous-bernoulli or gaussian)"
         )
-        _check_unit_interval(x, "discretized-logistic", fix)
+        check_unit_interval(x, "discretized-logistic", fix)
         off_grid = (x * (BINS - 1) - torch.round(x * (BINS - 1))).abs() / (BINS - 1)
         n_off = (off_grid > 1e-6).sum().item()
         if n_off:
