@@ -8,6 +8,7 @@ registers them as ordinary module parameters, so they train with everything else
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
@@ -17,7 +18,7 @@ from torch import nn
 
 from pyro_vae.nn import softplus_floor
 
-from .likelihoods import inverse_softplus_floor
+from .likelihood_base import inverse_softplus_floor
 
 __all__ = [
     "PRIORS",
@@ -149,22 +150,55 @@ class VampPrior(PyroModule):
 
 
 class _ExpandedMixture(dist.MixtureSameFamily):
-    """A mixture whose log_prob expands z over the components explicitly.
+    r"""The VampPrior's mixture, with a log_prob that never broadcasts z over K.
 
-    torch's MixtureSameFamily relies on broadcasting z ``(..., 1, d)`` against the
-    components ``(K, d)``; a conditional flow's inverse cannot broadcast its context
-    that way, so the VampPrior expands z to ``(..., K, d)`` first.
+    For diagonal Normal components (the diagonal guide's posterior) the quadratic form
+    is two matrix products, with precisions :math:`\lambda_{kj} = \sigma_{kj}^{-2}`:
+
+    .. math::
+        \sum_j \lambda_{kj} (z_j - \mu_{kj})^2
+            = (z \odot z)^\top \lambda_k - 2 z^\top (\mu_k \odot \lambda_k)
+              + \mu_k^\top (\mu_k \odot \lambda_k),
+
+    computed in float64, because the three terms are each far larger than their sum
+    when sigma is small. This replaces a ``(..., K, d)`` tensor by ``(..., K)``: the
+    K = 1000 evaluation of a 500-component VampPrior no longer runs out of memory
+    bandwidth. Other components (a flow, a low-rank Normal) take the general path:
+    torch's MixtureSameFamily broadcasts z ``(..., 1, d)`` against ``(K, d)``, which a
+    conditional flow's inverse cannot do with its context, so z is expanded to
+    ``(..., K, d)`` first.
     """
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(x)
-        k = self.mixture_distribution.logits.shape[-1]
-        z = x.unsqueeze(-2).expand(*x.shape[:-1], k, x.shape[-1])
-        log_q = self.component_distribution.log_prob(z)  # (..., K)
-        return torch.logsumexp(
-            log_q + self.mixture_distribution.logits.log_softmax(-1), -1
-        )
+        log_w = self.mixture_distribution.logits.log_softmax(-1)
+        q = self.component_distribution
+        if (
+            isinstance(q, dist.Independent)
+            and isinstance(q.base_dist, dist.Normal)
+            and q.reinterpreted_batch_ndims == 1
+            and q.base_dist.loc.dim() == 2
+        ):
+            log_q = _diagonal_normal_log_prob(x, q.base_dist.loc, q.base_dist.scale)
+        else:
+            z = x.unsqueeze(-2).expand(*x.shape[:-1], log_w.shape[-1], x.shape[-1])
+            log_q = q.log_prob(z)  # (..., K)
+        return torch.logsumexp(log_q + log_w, -1)
+
+
+def _diagonal_normal_log_prob(
+    z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """log N(z; loc_k, diag scale_k^2) for z ``(..., d)`` and loc, scale ``(K, d)``."""
+    z64, loc64 = z.double(), loc.double()
+    precision = scale.double().pow(-2)
+    weighted = loc64 * precision  # (K, d)
+    quad = (
+        z64.pow(2) @ precision.T - 2 * (z64 @ weighted.T) + (loc64 * weighted).sum(-1)
+    )
+    log_norm = -scale.double().log().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+    return (log_norm - 0.5 * quad).to(z.dtype)
 
 
 class StudentTPrior(PyroModule):

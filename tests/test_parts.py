@@ -168,6 +168,28 @@ def test_vamp_prior_is_the_mean_posterior_at_its_pseudo_inputs(guide_name):
     assert ((u > 0) & (u < 1)).all()
 
 
+def test_vamp_mixture_keeps_float32_precision_when_sigma_is_small():
+    # The matrix-product form of the diagonal Normal mixture sums three terms far
+    # larger than their difference when sigma is small; in float32 that alone would
+    # cost ~1e-2 nats. Exact answer: each component's density in float64, directly.
+    from pyro_vae.models.priors import _ExpandedMixture
+
+    k, d = 500, 50
+    loc = 3 * torch.randn(k, d)
+    scale = 0.02 + 0.05 * torch.rand(k, d)
+    z = loc[:8] + scale[:8] * torch.randn(8, d)  # near components: they dominate
+    exact = torch.logsumexp(
+        dist.Normal(loc, scale).log_prob(z.unsqueeze(-2)).sum(-1) - math.log(k), -1
+    )
+    mixture = _ExpandedMixture(
+        dist.Categorical(logits=torch.zeros(k).float()),
+        dist.Normal(loc.float(), scale.float()).to_event(1),
+    )
+    actual = mixture.log_prob(z.float())
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual.double(), exact, rtol=0, atol=1e-4)
+
+
 def test_meanfield_without_closed_form_kl_is_refused(tmp_path, capsys):
     from pyro_vae.fit import main
 
