@@ -173,6 +173,13 @@ def _launch(argv: list[str], cfg: FitConfig, resume: str | None) -> int:
     if resume is None and cfg.out is None:  # so that this process knows it too
         argv = [*argv, "--out", str(out)]
     try:
+        if cfg.num_nodes > 1 and resume is None and cfg.out is None:
+            # each node would stamp its own default name, and only node 0 writes
+            raise ConfigError(
+                f"--num-nodes {cfg.num_nodes} needs --out DIR, the same on every "
+                "node, so that all nodes name one run directory (on a shared disk "
+                "for --resume to find the checkpoint)"
+            )
         device = resolve_device(cfg.device)
         if device.type == "cuda" and torch.cuda.device_count() < cfg.devices:
             raise ConfigError(

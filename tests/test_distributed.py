@@ -299,6 +299,21 @@ def test_launch_command_and_multi_node_environment(monkeypatch):
     ]
 
 
+def test_several_nodes_need_one_named_run_directory(monkeypatch, capsys):
+    from pyro_vae.fit import main
+
+    for name, value in {
+        "MASTER_ADDR": "node0",
+        "MASTER_PORT": "1",
+        "NODE_RANK": "0",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert main(["--num-nodes", "2", "--device", "cpu"]) == 1
+    assert "--num-nodes 2 needs --out DIR, the same on every node" in (
+        capsys.readouterr().err
+    )
+
+
 def test_devices_may_change_on_resume(tmp_path):
     from pyro_vae.fit import main
 
