@@ -174,17 +174,33 @@ class _ExpandedMixture(dist.MixtureSameFamily):
             self._validate_sample(x)
         log_w = self.mixture_distribution.logits.log_softmax(-1)
         q = self.component_distribution
-        if (
+        diagonal = (
             isinstance(q, dist.Independent)
             and isinstance(q.base_dist, dist.Normal)
             and q.reinterpreted_batch_ndims == 1
-            and q.base_dist.loc.dim() == 2
-        ):
-            log_q = _diagonal_normal_log_prob(x, q.base_dist.loc, q.base_dist.scale)
-        else:
-            z = x.unsqueeze(-2).expand(*x.shape[:-1], log_w.shape[-1], x.shape[-1])
-            log_q = q.log_prob(z)  # (..., K)
+        )
+        if diagonal:
+            loc, scale = _unexpanded(q.base_dist.loc), _unexpanded(q.base_dist.scale)
+            if loc.dim() == scale.dim() == 2:
+                log_q = _diagonal_normal_log_prob(x, loc, scale)
+                log_p = torch.logsumexp(log_q + log_w, -1)
+                shape = torch.broadcast_shapes(log_p.shape, self.batch_shape)
+                return log_p.expand(shape)
+        z = x.unsqueeze(-2).expand(*x.shape[:-1], log_w.shape[-1], x.shape[-1])
+        log_q = q.log_prob(z)  # (..., K)
         return torch.logsumexp(log_q + log_w, -1)
+
+
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the leading dims that ``expand`` added (stride 0).
+
+    Pyro's plates expand the prior to their batch shape, and the mixture's components
+    with it: ``(K, d)`` becomes a ``(..., N, K, d)`` view of the same numbers.
+    """
+    lead = 0
+    while lead < t.dim() - 2 and t.stride(lead) == 0:
+        lead += 1
+    return t[(0,) * lead]
 
 
 def _diagonal_normal_log_prob(

@@ -151,8 +151,18 @@ def test_user_prior_on_the_linear_gaussian_oracle():
 
 
 @pytest.mark.parametrize("guide_name", ["diagonal", "flow"])
-def test_vamp_prior_is_the_mean_posterior_at_its_pseudo_inputs(guide_name):
-    # p(z) = (1/K) sum_k q(z | u_k), written out by hand against the prior's log_prob
+def test_vamp_prior_is_the_mean_posterior_at_its_pseudo_inputs(guide_name, monkeypatch):
+    # p(z) = (1/K) sum_k q(z | u_k), written out by hand against the prior's log_prob,
+    # as it is and as the data plate expands it; diagonal components take the fast path
+    from pyro_vae.models import priors
+
+    fast_calls = []
+    fast = priors._diagonal_normal_log_prob
+    monkeypatch.setattr(
+        priors,
+        "_diagonal_normal_log_prob",
+        lambda *args: fast_calls.append(1) or fast(*args),
+    )
     cfg = FitConfig(
         prior="vamp", guide=guide_name, pseudo_inputs=7, latent_dim=3, hidden=(16,)
     )
@@ -165,6 +175,9 @@ def test_vamp_prior_is_the_mean_posterior_at_its_pseudo_inputs(guide_name):
     expected = torch.logsumexp(per_component, -1) - math.log(7)
     actual = model.prior_dist().log_prob(z)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    in_plate = model.prior_dist().expand((4, 5)).log_prob(z)
+    torch.testing.assert_close(in_plate, expected, rtol=1e-10, atol=1e-10)
+    assert len(fast_calls) == (2 if guide_name == "diagonal" else 0)
     assert ((u > 0) & (u < 1)).all()
 
 
