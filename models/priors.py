@@ -192,13 +192,14 @@ class _ExpandedMixture(dist.MixtureSameFamily):
 
 
 def _unexpanded(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without the leading dims that ``expand`` added (stride 0).
+    """``t`` without the leading dims that ``expand`` added (stride 0, or size 1).
 
     Pyro's plates expand the prior to their batch shape, and the mixture's components
-    with it: ``(K, d)`` becomes a ``(..., N, K, d)`` view of the same numbers.
+    with it: ``(K, d)`` becomes a ``(..., N, K, d)`` view of the same numbers. A new
+    dim of size 1 (a batch of one) keeps a nonzero stride, so it is dropped by size.
     """
     lead = 0
-    while lead < t.dim() - 2 and t.stride(lead) == 0:
+    while lead < t.dim() - 2 and (t.stride(lead) == 0 or t.shape[lead] == 1):
         lead += 1
     return t[(0,) * lead]
 
