@@ -13,7 +13,9 @@ and each leaves the numbers as they were, up to float rounding:
   :func:`torch.jit.trace` and replays that graph. The random draws are recorded as
   random ops, so every replay draws fresh z from torch's generator, in the same order
   as the eager program; the RNG is rewound after tracing, so the traced run consumes
-  exactly the draws the eager run would. Gradients are the eager ones bit for bit; the
+  exactly the draws the eager run would. Gradients are the eager ones bit for bit (in
+  float64; in float32 the VampPrior's float64 matrix products may round differently,
+  ~1e-7 relative); the
   reported loss is summed in float32 on the graph rather than as Python floats, so it
   can differ from Pyro's eager value in the last digit (see
   :func:`_items_stay_tensors`). The graph runs in TorchScript's plain
