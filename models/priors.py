@@ -208,13 +208,13 @@ def _diagonal_normal_log_prob(
     z: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """log N(z; loc_k, diag scale_k^2) for z ``(..., d)`` and loc, scale ``(K, d)``."""
-    z64, loc64 = z.double(), loc.double()
-    precision = scale.double().pow(-2)
+    z64, loc64, scale64 = z.double(), loc.double(), scale.double()
+    precision = scale64.pow(-2)
     weighted = loc64 * precision  # (K, d)
     quad = (
         z64.pow(2) @ precision.T - 2 * (z64 @ weighted.T) + (loc64 * weighted).sum(-1)
     )
-    log_norm = -scale.double().log().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+    log_norm = -scale64.log().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
     return (log_norm - 0.5 * quad).to(z.dtype)
 
 
