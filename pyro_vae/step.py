@@ -24,13 +24,22 @@ and each leaves the numbers as they were, up to float rounding:
   gives the eager gradients bit for bit (tests/test_step.py), at the same speed here.
 * **fused Adam** (:func:`make_optimizer`): one kernel updates every parameter.
 
-``torch.compile`` was measured instead of the trace and lost: Pyro's messengers break
-its graph a dozen times per step (benchmarks/README.md). ``torch.jit.trace`` is
-deprecated in recent torch; should it disappear or fail on a model, :class:`StepLoss`
-warns once and runs the loss eagerly.
+**What is traced.** A traced graph freezes every Python value the loss read while
+it was recorded. By default (``jit="auto"``) :class:`StepLoss` traces only losses
+made of known code, the registries' parts and torch's and Pyro's modules, and keys
+each graph by the Python state that code reads (:mod:`pyro_vae.trace_guard`); a
+model or guide of a user's own class runs eagerly, as in plain Pyro, so a KL weight
+it reads from ``self`` is read on every step. ``jit=True`` traces any model (the
+user vouches for it); ``jit=False`` (``--no-jit``) never traces.
 
-A traced graph freezes Python control flow. Models whose control flow depends on the
-*values* of the data (not their shape) must train with ``jit=False`` (``--no-jit``).
+**The deprecation.** Recent torch (2.14 here) deprecates ``torch.jit.trace`` in
+favour of ``torch.compile`` and ``torch.export``; its FutureWarning is passed on as
+torch raised it. ``torch.compile`` was measured as the replacement and lost: the
+compiled ELBO module takes 6.6 ms a step against the trace's 3.9 (batch 128, 2-core
+CPU, benchmarks/results/bench_train.json), because Pyro's messengers break its graph
+a dozen times per step. Pyro's own ``JitTrace_ELBO`` is ``torch.jit.trace`` too
+(5.6 ms there, without fused Adam). Should the trace disappear or fail on a model,
+:class:`StepLoss` warns once and runs the loss eagerly.
 
 This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
 """
@@ -48,6 +57,8 @@ import pyro
 import torch
 from pyro.infer import util as pyro_util
 
+from pyro_vae.trace_guard import python_state, untraceable_reason
+
 __all__ = ["StepLoss", "make_optimizer"]
 
 
@@ -57,15 +68,31 @@ class StepLoss:
     Args:
         loss_fn: a module mapping a batch to a scalar loss, e.g. Pyro's
             ``Trace_ELBO()(model, guide)``.
-        jit: trace with :func:`torch.jit.trace` after the first step; ``False`` runs
-            every step eagerly (with validation off after the first).
+        jit: ``"auto"`` (the default) traces only where a replay means what eager
+            Pyro means (:mod:`pyro_vae.trace_guard`: the registries' parts, torch's
+            and Pyro's modules, guarded by their Python state) and runs any other
+            code eagerly; ``True`` traces whatever the model is (the user vouches
+            that it reads no Python state that changes); ``False`` never traces.
+            Every mode validates the first call only.
+
+    Attributes:
+        eager_reason: why ``"auto"`` chose to run eagerly, or None while it traces.
     """
 
-    def __init__(self, loss_fn: torch.nn.Module, *, jit: bool = True) -> None:
+    #: traces of one batch shape under different Python states before giving up
+    MAX_STATES = 8
+
+    def __init__(self, loss_fn: torch.nn.Module, *, jit: bool | str = "auto") -> None:
+        if jit not in ("auto", True, False):
+            raise ValueError(f"jit must be 'auto', True or False, got {jit!r}")
         self.loss_fn = loss_fn
-        self.jit = jit
         self.validated = False
         self._graphs: dict[tuple, torch.jit.ScriptModule] = {}
+        self._guarded = jit == "auto"
+        self.eager_reason = None if jit else "jit=False"
+        if jit == "auto":
+            self.eager_reason = untraceable_reason(loss_fn)
+        self.jit = self.eager_reason is None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.validated:
@@ -78,9 +105,9 @@ class StepLoss:
             with pyro.validation_enabled(True), torch.random.fork_rng(_cuda(x)):
                 self.loss_fn(x)
         with pyro.validation_enabled(False):
-            if not self.jit:
+            key = self._key(x) if self.jit else None
+            if key is None:
                 return self.loss_fn(x)
-            key = (tuple(x.shape), x.dtype, x.device)
             if key not in self._graphs:
                 graph = self._trace(x)
                 if graph is None:
@@ -88,6 +115,35 @@ class StepLoss:
                 self._graphs[key] = graph
             with torch.jit.optimized_execution(False):
                 return self._graphs[key](x)
+
+    def _key(self, x: torch.Tensor) -> tuple | None:
+        """The graph's key: shape, dtype, device and (guarded) the Python state.
+
+        None when the step must run eagerly from now on.
+        """
+        shape = (tuple(x.shape), x.dtype, x.device)
+        if not self._guarded:
+            return shape
+        try:
+            key = (*shape, python_state(self.loss_fn))
+        except Exception as err:  # noqa: BLE001 - the tree changed: unknown code
+            self.jit, self.eager_reason = False, str(err)
+            return None
+        if key not in self._graphs:
+            same_shape = sum(k[:3] == shape for k in self._graphs)
+            if same_shape >= self.MAX_STATES:
+                self.jit = False
+                self.eager_reason = (
+                    f"the Python state the loss reads changed {same_shape} times"
+                )
+                warnings.warn(
+                    f"{self.eager_reason}: a new trace for each would be slower than "
+                    "Pyro's eager step, which now runs every step",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return None
+        return key
 
     def _trace(self, x: torch.Tensor) -> torch.jit.ScriptModule | None:
         try:
@@ -98,6 +154,7 @@ class StepLoss:
         except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
             self.jit = False
             reason = (str(err).splitlines() or [""])[0]
+            self.eager_reason = f"torch.jit.trace failed: {reason}"
             warnings.warn(
                 f"torch.jit.trace could not record this loss ({type(err).__name__}: "
                 f"{reason}); training continues without it, at Pyro's eager speed. "
@@ -106,11 +163,12 @@ class StepLoss:
                 stacklevel=3,
             )
             return None
-        _warn_about_user_branches(caught)
+        _pass_on(caught)
         return graph
 
 
 _TRACE_LOCK = threading.Lock()
+_SEEN: dict = {}  # warn_explicit's registry: torch's notes once per place, as usual
 
 
 def _cuda(x: torch.Tensor) -> list[torch.device]:
@@ -118,13 +176,15 @@ def _cuda(x: torch.Tensor) -> list[torch.device]:
     return [x.device] if x.device.type == "cuda" else []
 
 
-def _warn_about_user_branches(caught: list[warnings.WarningMessage]) -> None:
-    """Pass on the tracer's warnings that point into user code, not torch or Pyro.
+def _pass_on(caught: list[warnings.WarningMessage]) -> None:
+    """Pass on what the tracer caught, but for its notes on torch's and Pyro's code.
 
-    A TracerWarning from the user's model or guide (a Python ``if`` on a tensor, a
-    ``.item()``) means the trace froze a value: such a model needs ``--no-jit``. The
-    ones torch, Pyro and pyro_vae raise in their own code branch on shapes (fixed per
-    trace) or re-check data already checked, and are harmless here.
+    Warnings other than the tracer's (torch's FutureWarning that ``torch.jit.trace``
+    is deprecated, a user's own) go on as they were raised. A TracerWarning from
+    the user's model or guide (a Python ``if`` on a tensor, a ``.item()``) means the
+    trace froze a value (possible only with ``jit=True``): it becomes a RuntimeWarning
+    that says so. The ones torch, Pyro and pyro_vae raise in their own code branch on
+    shapes (fixed per trace) or re-check data already checked, and are dropped.
     """
     packages = ("torch", "pyro", "pyro_vae", "pyro_vae.models", "pyro_vae.guides")
     homes = tuple(
@@ -132,10 +192,16 @@ def _warn_about_user_branches(caught: list[warnings.WarningMessage]) -> None:
         for name in packages
         if getattr(sys.modules.get(name), "__file__", None)
     )
+    named = False
     for w in caught:
-        if issubclass(w.category, torch.jit.TracerWarning) and not any(
+        if not issubclass(w.category, torch.jit.TracerWarning):
+            warnings.warn_explicit(
+                w.message, w.category, w.filename, w.lineno, registry=_SEEN
+            )
+        elif not named and not any(
             os.path.abspath(w.filename).startswith(home) for home in homes
         ):
+            named = True
             warnings.warn(
                 f"the traced loss froze a Python value at {w.filename}:{w.lineno} "
                 f"({w.message}); if the model or guide branches on data values, "
@@ -143,7 +209,6 @@ def _warn_about_user_branches(caught: list[warnings.WarningMessage]) -> None:
                 RuntimeWarning,
                 stacklevel=4,
             )
-            return
 
 
 def _detach(value: object) -> object:

@@ -203,7 +203,7 @@ class _Branchy(PyroModule):
 
 
 def test_a_model_branching_on_data_values_is_named_when_traced():
-    step = StepLoss(Trace_ELBO()(_Branchy(), lambda x: None))
+    step = StepLoss(Trace_ELBO()(_Branchy(), lambda x: None), jit=True)
     with pytest.warns(RuntimeWarning, match=r"froze a Python value.*--no-jit"):
         step(torch.randn(8, 3))
 
@@ -222,7 +222,7 @@ class _Untraceable(PyroModule):
 
 def test_a_model_that_cannot_be_traced_trains_eagerly_with_a_warning():
     model, x = _Untraceable(), torch.randn(8, 3)
-    step = StepLoss(Trace_ELBO()(model, lambda x: None))
+    step = StepLoss(Trace_ELBO()(model, lambda x: None), jit=True)
     with pytest.warns(RuntimeWarning, match="torch.jit.trace could not record"):
         first = step(x)
     second = step(x)

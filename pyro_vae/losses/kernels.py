@@ -72,9 +72,9 @@ class Kernel:
         """c for samples x ``(..., n, d)``, y ``(..., m, d)``; shape ``(..., 1, 1)``."""
         d = x.shape[-1]
         if self.rule == "fixed":
-            c = torch.tensor(2 * self.bandwidth**2)
+            c = torch.as_tensor(2 * self.bandwidth**2)
         elif self.rule == "dim":
-            c = torch.tensor(2 * d * self.bandwidth**2)
+            c = torch.as_tensor(2 * d * self.bandwidth**2)  # d is a tensor in a trace
         else:
             pooled = torch.cat([x, y], dim=-2).detach()
             r = torch.cdist(pooled, pooled).square()
