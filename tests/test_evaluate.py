@@ -444,7 +444,9 @@ def test_summary_means_and_standard_errors(good_result):
     assert gap["mean"] == pytest.approx(
         summary["log_px"]["mean"] - summary["elbo"]["mean"], abs=1e-12
     )
-    assert gap["se"] >= max(summary["log_px"]["se"], summary["elbo"]["se"])
+    # paired: log p̂ and the ELBO come from the same weights (tests/test_gap_se.py)
+    paired = good_result.gap_se.square().sum().sqrt().item() / n
+    assert gap["se"] == pytest.approx(paired, rel=1e-12)
     assert summary["khat"]["not_fitted"] == 0
     assert summary["khat"]["max"] == good_result.khat.max().item()
     assert summary["ess"]["min"] == good_result.ess.min().item()
