@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import warnings
 
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import ConditionalAffineAutoregressive
-from pyro.nn import ConditionalAutoRegressiveNN, PyroModule
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 
+from pyro_vae.guides.base import AmortizedGuide
 from pyro_vae.guides.gaussian import check_guide_args
 from pyro_vae.nn import softplus_floor
 
 __all__ = ["FlowGuide"]
 
 
-class FlowGuide(PyroModule):
+class FlowGuide(AmortizedGuide):
     r"""q(z|x): a diagonal Normal pushed through K conditional IAF steps.
 
     The encoder maps x ``(N, D)`` to ``(N, 2d + c)``: mu, the softplus-input of sigma
@@ -132,7 +132,3 @@ class FlowGuide(PyroModule):
             return base
         steps = [t.condition(context) for t in self.transforms]
         return dist.TransformedDistribution(base, steps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", self.posterior(x))

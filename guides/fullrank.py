@@ -12,19 +12,18 @@ the standard-Normal prior.
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_vae.guides.base import AmortizedGuide
 from pyro_vae.guides.gaussian import check_guide_args
 from pyro_vae.nn import softplus_floor
 
 __all__ = ["FullRankNormalGuide"]
 
 
-class FullRankNormalGuide(PyroModule):
+class FullRankNormalGuide(AmortizedGuide):
     r"""q(z|x) = N(mu(x), L(x) L(x)^T), L the Cholesky factor of the covariance.
 
     The encoder maps x ``(N, D)`` to ``(N, d + d (d + 1) / 2)``: mu, then the d
@@ -75,7 +74,3 @@ class FullRankNormalGuide(PyroModule):
         """q(z|x): batch shape ``(N,)``, event shape ``(d,)``."""
         loc, scale_tril = self.encode(x)
         return dist.MultivariateNormal(loc, scale_tril=scale_tril)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", self.posterior(x))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_vae.guides.base import AmortizedGuide
 from pyro_vae.nn import softplus_floor
 
 __all__ = ["DiagonalNormalGuide", "check_guide_args"]
@@ -21,7 +20,7 @@ def check_guide_args(latent_dim: int, scale_floor: float) -> None:
         raise ValueError(f"scale_floor must be positive, got {scale_floor}")
 
 
-class DiagonalNormalGuide(PyroModule):
+class DiagonalNormalGuide(AmortizedGuide):
     r"""q(z|x) = N(mu(x), diag(sigma(x)^2)), sampled by reparameterization.
 
     The encoder maps x ``(N, D)`` to ``(N, 2d)``: the first half is mu, the second is
@@ -57,7 +56,3 @@ class DiagonalNormalGuide(PyroModule):
         """q(z|x): batch shape ``(N,)``, event shape ``(d,)``."""
         loc, scale = self.encode(x)
         return dist.Normal(loc, scale).to_event(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", self.posterior(x))

@@ -12,19 +12,18 @@ an analytic-KL ELBO cannot use this guide with the standard-Normal prior.
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_vae.guides.base import AmortizedGuide
 from pyro_vae.guides.gaussian import check_guide_args
 from pyro_vae.nn import softplus_floor
 
 __all__ = ["LowRankNormalGuide"]
 
 
-class LowRankNormalGuide(PyroModule):
+class LowRankNormalGuide(AmortizedGuide):
     r"""q(z|x) = N(mu(x), F(x) F(x)^T + diag(s(x)^2)), F of rank ``rank``.
 
     The encoder maps x ``(N, D)`` to ``(N, d + d * rank + d)``: mu, then F row by row
@@ -79,7 +78,3 @@ class LowRankNormalGuide(PyroModule):
         """q(z|x): batch shape ``(N,)``, event shape ``(d,)``."""
         loc, factor, cov_diag = self.encode(x)
         return dist.LowRankMultivariateNormal(loc, factor, cov_diag)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", self.posterior(x))

@@ -25,6 +25,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from .vae import data_size
+
 __all__ = ["LinearGaussian", "PosteriorGuide"]
 
 
@@ -47,12 +49,20 @@ class LinearGaussian(PyroModule):
     def latent_dim(self) -> int:
         return self.weight.shape[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | None = None, n: int | None = None
+    ) -> torch.Tensor:
+        """Score ``x`` (``"x"`` observed), or draw ``n`` data (``"x"`` sampled)."""
         zeros = self.weight.new_zeros(self.latent_dim)
-        with pyro.plate("data", x.shape[0]):
+        with pyro.plate("data", data_size(x, n)):
             z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
             loc = z @ self.weight.T + self.bias
             return pyro.sample("x", dist.Normal(loc, self.sigma).to_event(1), obs=x)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """n draws x ~ p(x), shape ``(n, D)``."""
+        return self(n=n)
 
     def log_px(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x) per datum, shape ``(N,)``."""

@@ -1,12 +1,13 @@
 """Reconstructions and prior samples for any (model, guide) pair, through traces.
 
-Neither function knows the model's class: both read the distribution at the model's
-observed site ``"x"``, so they work for any prior, likelihood and guide that keep the
+None of them knows the model's class: they read the distribution at the model's
+site ``"x"``, so they work for any prior, likelihood and guide that keep the
 site contract of :mod:`pyro_vae.models.vae`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import pyro
@@ -25,10 +26,41 @@ def reconstruct(model: Callable, guide: Callable, x: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def sample_prior(model: Callable, x_like: torch.Tensor) -> torch.Tensor:
-    """E[x | z] with z ~ p(z), one per row of ``x_like`` (used only for its shape)."""
-    model_trace = poutine.trace(model).get_trace(x_like)
+def sample_prior(model: Callable, n: int | torch.Tensor) -> torch.Tensor:
+    """E[x | z] with z ~ p(z), for n draws of z: ``(n, D)``.
+
+    ``n`` may also be a tensor ``(n, D)``, used only for its number of rows (the
+    older form). A model that samples without data (``model(n=n)``, see
+    :mod:`pyro_vae.models.vae`) is run that way; one that only takes ``model(x)``
+    needs that tensor, and is run on it with the mean read at its site ``"x"``.
+    """
+    if _samples_without_data(model):
+        count = len(n) if isinstance(n, torch.Tensor) else int(n)
+        model_trace = poutine.trace(model).get_trace(n=count)
+    elif isinstance(n, torch.Tensor):
+        model_trace = poutine.trace(model).get_trace(n)
+    else:
+        raise TypeError(
+            f"{type(model).__name__} cannot sample without data (it takes no "
+            "argument n); pass a tensor (n, D) whose rows stand in for the data"
+        )
     return model_trace.nodes["x"]["fn"].mean
+
+
+def _samples_without_data(model: Callable) -> bool:
+    """Whether ``model`` takes ``x=None`` with a keyword ``n`` (the model contract)."""
+    try:
+        fn = model.forward if isinstance(model, torch.nn.Module) else model
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    x = next(iter(params.values()), None)
+    return (
+        "n" in params
+        and x is not None
+        and x.default is None
+        and params["n"].kind is not inspect.Parameter.POSITIONAL_ONLY
+    )
 
 
 @torch.no_grad()

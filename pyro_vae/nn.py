@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.distributions import Distribution
 
 __all__ = [
     "ACTIVATIONS",
     "ConvDecoder",
     "ConvEncoder",
+    "HasPosterior",
+    "PosteriorFn",
     "image_chw",
     "mlp",
     "parse_hidden",
@@ -30,6 +34,30 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "gelu": nn.GELU,
 }
+
+
+@runtime_checkable
+class PosteriorFn(Protocol):
+    """A function ``x -> q(z|x)``, as the VampPrior takes it (a guide's ``posterior``).
+
+    Called on a batch ``x`` of shape ``(N, D)``, it returns a distribution with batch
+    shape ``(N,)`` and event shape ``(d,)``. Bound methods, functions and modules all
+    fit. It lives here, in the one module that models and guides both import, so that
+    a prior can state what it needs without importing :mod:`pyro_vae.guides`.
+    """
+
+    def __call__(self, x: torch.Tensor, /) -> Distribution: ...
+
+
+@runtime_checkable
+class HasPosterior(Protocol):
+    """An amortized guide as far as the rest of pyro_vae needs: ``posterior(x)``.
+
+    ``guide.posterior`` is then a :class:`PosteriorFn`. Every guide in
+    :mod:`pyro_vae.guides` derives from ``AmortizedGuide``, which keeps this.
+    """
+
+    def posterior(self, x: torch.Tensor) -> Distribution: ...
 
 
 def mlp(

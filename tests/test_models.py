@@ -334,7 +334,7 @@ def test_custom_distribution_prior():
     guide = make_guide("diagonal")
     x = make_data("gaussian")
 
-    assert model.prior_dist() is prior
+    assert isinstance(model.prior, torch.nn.Module)  # follows .to(), in state_dict
     model_tr, guide_tr = traces(model, guide, x)
     assert sample_site_names(model_tr) == {"z", "x"}
     z = model_tr.nodes["z"]["value"]
