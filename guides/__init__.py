@@ -6,13 +6,16 @@ torch, pyro and :mod:`pyro_vae.nn` only; never :mod:`pyro_vae.models`.
 The guide contract: ``guide(x)`` takes a batch ``(N, D)`` and samples the site ``"z"``
 (event_dim 1) inside ``pyro.plate("data", N)``; ``guide.posterior(x)`` returns q(z|x)
 as a distribution with batch shape ``(N,)`` and event shape ``(d,)`` (the VampPrior
-uses it on its pseudo-inputs). Networks are submodules.
+uses it on its pseudo-inputs). Networks are submodules. In code, the contract is
+:class:`AmortizedGuide`, from which every guide here derives (it shares ``forward``);
+:class:`pyro_vae.nn.HasPosterior` states the ``posterior`` half as a Protocol.
 
 :data:`GUIDES` maps a command-line name to ``factory(make_encoder, latent_dim,
 **options)``, where ``make_encoder(out_features)`` builds the encoder network (MLP or
-conv, see :data:`ENCODERS`) with the output width the guide asks for; options a
-factory does not use are ignored. The guides, and whether torch has a closed-form KL
-from their q(z|x) to the standard-Normal prior ``Normal(0, 1).to_event(1)``:
+conv, see :data:`ENCODERS`) with the output width the guide asks for. Each factory
+names the options it takes and refuses others (:mod:`pyro_vae.parts`). The guides,
+and whether torch has a closed-form KL from their q(z|x) to the standard-Normal
+prior ``Normal(0, 1).to_event(1)``:
 
 * ``diagonal``: N(mu, diag sigma^2), :mod:`.gaussian`; KL registered.
 * ``lowrank``: N(mu, F F^T + diag s^2), F of rank ``rank``, :mod:`.lowrank`; KL only
@@ -30,6 +33,7 @@ from torch import nn
 
 from pyro_vae.nn import mlp
 
+from .base import AmortizedGuide
 from .encoders import ENCODERS
 from .flow import FlowGuide
 from .fullrank import FullRankNormalGuide
@@ -39,6 +43,7 @@ from .lowrank import LowRankNormalGuide
 __all__ = [
     "ENCODERS",
     "GUIDES",
+    "AmortizedGuide",
     "DiagonalNormalGuide",
     "FlowGuide",
     "FullRankNormalGuide",
@@ -55,24 +60,79 @@ def mlp_diagonal_guide(
     return DiagonalNormalGuide(encoder, latent_dim)
 
 
-#: name -> factory(make_encoder, latent_dim, **options) returning a guide module
+#: the keywords the builder offers every guide factory (see :mod:`pyro_vae.parts`):
+#: ``make_encoder(out_features)`` builds the encoder network of ``--arch``
+GUIDE_KEYWORDS = (
+    "make_encoder",
+    "latent_dim",
+    "data_dim",
+    "rank",
+    "flow_steps",
+    "hidden",
+    "activation",
+)
+
+
+def _guide_entry(
+    name: str, factory: Callable[..., nn.Module]
+) -> Callable[..., nn.Module]:
+    """``factory`` as the registry entry ``name``: it takes what its signature names.
+
+    Called directly, it also accepts, and drops, the other :data:`GUIDE_KEYWORDS`
+    (code that passes a factory all of them keeps working) and refuses any other
+    keyword with the list of what it takes. ``inspect.signature`` of the entry is
+    the factory's own.
+    """
+    import functools
+    import inspect
+
+    takes = tuple(inspect.signature(factory).parameters)
+
+    @functools.wraps(factory)
+    def entry(*args: object, **options: object) -> nn.Module:
+        unknown = sorted(set(options) - set(takes) - set(GUIDE_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"the {name} guide does not take {', '.join(unknown)}; it takes: "
+                f"{', '.join(takes)}"
+            )
+        return factory(*args, **{k: v for k, v in options.items() if k in takes})
+
+    return entry
+
+
+def _diagonal(make_encoder: Callable[[int], nn.Module], latent_dim: int) -> nn.Module:
+    return DiagonalNormalGuide(make_encoder(2 * latent_dim), latent_dim)
+
+
+def _lowrank(
+    make_encoder: Callable[[int], nn.Module], latent_dim: int, rank: int = 2
+) -> nn.Module:
+    out = LowRankNormalGuide.out_features(latent_dim, rank)
+    return LowRankNormalGuide(make_encoder(out), latent_dim, rank)
+
+
+def _fullrank(make_encoder: Callable[[int], nn.Module], latent_dim: int) -> nn.Module:
+    out = FullRankNormalGuide.out_features(latent_dim)
+    return FullRankNormalGuide(make_encoder(out), latent_dim)
+
+
+def _flow(
+    make_encoder: Callable[[int], nn.Module], latent_dim: int, flow_steps: int = 2
+) -> nn.Module:
+    out = 2 * latent_dim + FlowGuide.default_context_dim(latent_dim, flow_steps)
+    return FlowGuide(make_encoder(out), latent_dim, flow_steps)
+
+
+#: name -> factory(make_encoder, latent_dim, ...) returning a guide module. Each
+#: factory names the options it takes (``rank`` for lowrank, ``flow_steps`` for
+#: flow); the builder passes it those, of :data:`GUIDE_KEYWORDS`.
 GUIDES: dict[str, Callable[..., nn.Module]] = {
-    "diagonal": lambda make_encoder, latent_dim, **_: DiagonalNormalGuide(
-        make_encoder(2 * latent_dim), latent_dim
-    ),
-    "lowrank": lambda make_encoder, latent_dim, rank=2, **_: LowRankNormalGuide(
-        make_encoder(LowRankNormalGuide.out_features(latent_dim, rank)),
-        latent_dim,
-        rank,
-    ),
-    "fullrank": lambda make_encoder, latent_dim, **_: FullRankNormalGuide(
-        make_encoder(FullRankNormalGuide.out_features(latent_dim)), latent_dim
-    ),
-    "flow": lambda make_encoder, latent_dim, flow_steps=2, **_: FlowGuide(
-        make_encoder(
-            2 * latent_dim + FlowGuide.default_context_dim(latent_dim, flow_steps)
-        ),
-        latent_dim,
-        flow_steps,
-    ),
+    name: _guide_entry(name, factory)
+    for name, factory in [
+        ("diagonal", _diagonal),
+        ("lowrank", _lowrank),
+        ("fullrank", _fullrank),
+        ("flow", _flow),
+    ]
 }

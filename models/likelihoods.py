@@ -201,27 +201,94 @@ class DiscretizedLogisticLikelihood(AbstractLikelihood):
             )
 
 
-#: name -> factory(**options) returning a likelihood module. The builder passes every
-#: likelihood option (``data_dim``, ``sigma``, ``sigma_floor``, ...) to every factory;
-#: each takes the ones it uses and ignores the rest.
+#: the keywords the builder offers every likelihood factory (see :mod:`pyro_vae.parts`)
+LIKELIHOOD_KEYWORDS = ("data_dim", "latent_dim", "sigma", "sigma_floor")
+
+
+def _likelihood_entry(
+    name: str, factory: Callable[..., AbstractLikelihood]
+) -> Callable[..., AbstractLikelihood]:
+    """``factory`` as the registry entry ``name``: it takes what its signature names.
+
+    Called directly, it also accepts, and drops, the other
+    :data:`LIKELIHOOD_KEYWORDS` (code that passes a factory all of them keeps
+    working) and refuses any other keyword with the list of what it takes.
+    ``inspect.signature`` of the entry is the factory's own.
+    """
+    import functools
+    import inspect
+
+    takes = tuple(inspect.signature(factory).parameters)
+
+    @functools.wraps(factory)
+    def entry(*args: object, **options: object) -> AbstractLikelihood:
+        unknown = sorted(set(options) - set(takes) - set(LIKELIHOOD_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"the {name} likelihood does not take {', '.join(unknown)}; it takes: "
+                f"{', '.join(takes) or 'no options'}"
+            )
+        return factory(*args, **{k: v for k, v in options.items() if k in takes})
+
+    return entry
+
+
+def _bernoulli() -> AbstractLikelihood:
+    return BernoulliLikelihood()
+
+
+def _gaussian(sigma: float = 1.0) -> AbstractLikelihood:
+    return GaussianLikelihood(sigma)
+
+
+def _gaussian_learned(
+    sigma: float = 1.0, sigma_floor: float = 1e-3
+) -> AbstractLikelihood:
+    return LearnedGaussianLikelihood(sigma, sigma_floor)
+
+
+def _gaussian_pixel(
+    data_dim: int | None = None, sigma: float = 1.0, sigma_floor: float = 1e-3
+) -> AbstractLikelihood:
+    return PixelGaussianLikelihood(data_dim, sigma, sigma_floor)
+
+
+def _gaussian_decoder(
+    sigma: float = 1.0, sigma_floor: float = 1e-3
+) -> AbstractLikelihood:
+    return DecoderGaussianLikelihood(sigma, sigma_floor)
+
+
+def _laplace(sigma: float = 1.0, sigma_floor: float = 1e-3) -> AbstractLikelihood:
+    return LaplaceLikelihood(sigma, sigma_floor)
+
+
+def _continuous_bernoulli() -> AbstractLikelihood:
+    return ContinuousBernoulliLikelihood()
+
+
+def _beta(sigma_floor: float = 1e-3) -> AbstractLikelihood:
+    return BetaLikelihood(sigma_floor)
+
+
+def _discretized_logistic(sigma_floor: float = 1e-3) -> AbstractLikelihood:
+    return DiscretizedLogisticLikelihood(sigma_floor)
+
+
+#: name -> factory returning a likelihood module. Each factory names the options it
+#: takes (``sigma``, ``sigma_floor``, ``data_dim``); the builder passes it those, of
+#: :data:`LIKELIHOOD_KEYWORDS`.
 LIKELIHOODS: dict[str, Callable[..., AbstractLikelihood]] = {
-    "bernoulli": lambda **_: BernoulliLikelihood(),
-    "gaussian": lambda sigma=1.0, **_: GaussianLikelihood(sigma),
-    "gaussian-learned": lambda sigma=1.0, sigma_floor=1e-3, **_: (
-        LearnedGaussianLikelihood(sigma, sigma_floor)
-    ),
-    "gaussian-pixel": lambda data_dim=None, sigma=1.0, sigma_floor=1e-3, **_: (
-        PixelGaussianLikelihood(data_dim, sigma, sigma_floor)
-    ),
-    "gaussian-decoder": lambda sigma=1.0, sigma_floor=1e-3, **_: (
-        DecoderGaussianLikelihood(sigma, sigma_floor)
-    ),
-    "laplace": lambda sigma=1.0, sigma_floor=1e-3, **_: LaplaceLikelihood(
-        sigma, sigma_floor
-    ),
-    "continuous-bernoulli": lambda **_: ContinuousBernoulliLikelihood(),
-    "beta": lambda sigma_floor=1e-3, **_: BetaLikelihood(sigma_floor),
-    "discretized-logistic": lambda sigma_floor=1e-3, **_: DiscretizedLogisticLikelihood(
-        sigma_floor
-    ),
+    name: _likelihood_entry(name, factory)
+    for name, factory in [
+        ("bernoulli", _bernoulli),
+        ("gaussian", _gaussian),
+        ("gaussian-learned", _gaussian_learned),
+        ("gaussian-pixel", _gaussian_pixel),
+        ("gaussian-decoder", _gaussian_decoder),
+        ("laplace", _laplace),
+        ("continuous-bernoulli", _continuous_bernoulli),
+        ("beta", _beta),
+        ("discretized-logistic", _discretized_logistic),
+    ]
 }

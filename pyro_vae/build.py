@@ -1,7 +1,10 @@
-"""Assemble a (model, guide) pair from a :class:`FitConfig` by registry names.
+"""Assemble a (model, guide) pair from a :class:`FitConfig` by the names of its parts.
 
-This is the CLI's assembly step: the only place, with :mod:`pyro_vae.fit`, that
-imports both :mod:`pyro_vae.models` and :mod:`pyro_vae.guides`.
+This is the CLI's assembly step: with :mod:`pyro_vae.fit` and :mod:`pyro_vae.parts`,
+the only place that imports both :mod:`pyro_vae.models` and :mod:`pyro_vae.guides`.
+A prior, likelihood or guide is a registry name or a factory of one's own given as
+``PACKAGE.MODULE:FACTORY``; :mod:`pyro_vae.parts` says which keywords each factory
+gets and what it must return.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import torch
 
 from pyro_vae.config import FitConfig
 from pyro_vae.errors import ConfigError
-from pyro_vae.guides import ENCODERS, GUIDES
-from pyro_vae.models import DECODERS, LIKELIHOODS, PRIORS, VAE
+from pyro_vae.guides import ENCODERS
+from pyro_vae.models import DECODERS, VAE
+from pyro_vae.parts import call_factory
 
 __all__ = ["build_model_and_guide", "lookup"]
 
@@ -42,8 +46,13 @@ def build_model_and_guide(
     """
     image_shape = tuple(image_shape) if image_shape else (data_dim,)
     try:
-        likelihood = lookup(LIKELIHOODS, cfg.likelihood, "likelihood")(
-            data_dim=data_dim, sigma=cfg.sigma, sigma_floor=cfg.sigma_floor
+        likelihood = call_factory(
+            "likelihood",
+            cfg.likelihood,
+            data_dim=data_dim,
+            latent_dim=cfg.latent_dim,
+            sigma=cfg.sigma,
+            sigma_floor=cfg.sigma_floor,
         )
         make_encoder = partial(
             lookup(ENCODERS, cfg.arch, "architecture"),
@@ -51,21 +60,26 @@ def build_model_and_guide(
             hidden=cfg.hidden,
             activation=cfg.activation,
         )
-        guide = lookup(GUIDES, cfg.guide, "guide")(
-            make_encoder,
-            cfg.latent_dim,
+        guide = call_factory(
+            "guide",
+            cfg.guide,
+            make_encoder=make_encoder,
+            latent_dim=cfg.latent_dim,
+            data_dim=data_dim,
             rank=cfg.rank,
             flow_steps=cfg.flow_steps,
             hidden=cfg.hidden,
             activation=cfg.activation,
         )
-        prior = lookup(PRIORS, cfg.prior, "prior")(
-            cfg.latent_dim,
+        prior = call_factory(
+            "prior",
+            cfg.prior,
+            latent_dim=cfg.latent_dim,
+            data_dim=data_dim,
+            posterior=guide.posterior,
             components=cfg.components,
             pseudo_inputs=cfg.pseudo_inputs,
             df=cfg.df,
-            data_dim=data_dim,
-            posterior=guide.posterior,
         )
         decoder = lookup(DECODERS, cfg.arch, "architecture")(
             cfg.latent_dim,

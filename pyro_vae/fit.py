@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,10 +29,10 @@ from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import FitConfig, resolve_device
 from pyro_vae.data import BINARIZATIONS
 from pyro_vae.errors import ConfigError, PyroVAEError
-from pyro_vae.guides import ENCODERS, GUIDES
+from pyro_vae.guides import ENCODERS
 from pyro_vae.losses import LOSSES
-from pyro_vae.models import LIKELIHOODS, PRIORS
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
+from pyro_vae.parts import KINDS, REGISTRIES, check_options
 from pyro_vae.session import Interrupted, run
 from pyro_vae.sources import DATASETS
 from pyro_vae.train import ELBOS
@@ -56,9 +56,6 @@ RESUMABLE = (
 _CHOICES = {
     "dataset": DATASETS,
     "binarize": ("auto", *BINARIZATIONS),
-    "prior": tuple(PRIORS),
-    "likelihood": tuple(LIKELIHOODS),
-    "guide": tuple(GUIDES),
     "activation": tuple(ACTIVATIONS),
     "elbo": tuple(ELBOS),
     "arch": tuple(ENCODERS),
@@ -98,6 +95,12 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
             )
             continue
         kind = {tuple: _hidden}.get(type(f.default), type(f.default))
+        if f.name in KINDS:  # a registry name or PACKAGE.MODULE:FACTORY
+            kind = _part_name(f.name)
+            help_text += (
+                f": {', '.join(REGISTRIES[f.name])}, or PACKAGE.MODULE:FACTORY, a "
+                "factory of your own called with the run's options (see README)"
+            )
         parser.add_argument(
             flag,
             dest=f.name,
@@ -107,6 +110,23 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
             help=help_text,
         )
     return parser
+
+
+def _part_name(kind: str) -> Callable[[str], str]:
+    """argparse type of ``--prior``, ``--likelihood``, ``--guide``: a registry name
+    or an import path (checked, and imported, once the config is whole)."""
+
+    def part_name(text: str) -> str:
+        if text in REGISTRIES[kind] or ":" in text:
+            return text
+        names = ", ".join(repr(name) for name in REGISTRIES[kind])
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {names}, or give a {kind} of your "
+            "own as PACKAGE.MODULE:FACTORY)"
+        )
+
+    part_name.__name__ = kind
+    return part_name
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -130,7 +150,11 @@ def parse_command(
     resume = args.pop("resume")
     try:
         if resume is None:
-            return FitConfig(**args), None
+            cfg = FitConfig(**args)
+            # import parts of one's own now; refuse a part option given on the
+            # command line that the chosen part does not take
+            check_options(cfg, vars(build_parser(defaults=False).parse_args(argv)))
+            return cfg, None
         given = vars(build_parser(defaults=False).parse_args(argv))
         given.pop("resume")
         fixed = sorted(set(given) - set(RESUMABLE))

@@ -16,7 +16,7 @@ import pyro_vae.models
 
 REPO = Path(__file__).resolve().parents[1]
 THIRD_PARTY_OK_IN_PARTS = {"torch", "pyro"}
-ASSEMBLERS = {"pyro_vae.fit", "pyro_vae.build"}
+ASSEMBLERS = {"pyro_vae.fit", "pyro_vae.build", "pyro_vae.parts"}
 
 
 def _imports(path: Path) -> set[str]:
