@@ -24,6 +24,7 @@ __all__ = [
     "PRIORS",
     "LearnedNormalPrior",
     "MixtureOfGaussiansPrior",
+    "ReparameterizedMixture",
     "StandardNormalPrior",
     "StudentTPrior",
     "VampPrior",
@@ -74,7 +75,10 @@ class MixtureOfGaussiansPrior(PyroModule):
     """p(z) = Σ_k π_k N(z; mu_k, diag sigma_k^2), all learned.
 
     Means start spread as N(0, I) draws, scales at 1, weights uniform. The KL to a
-    guide has no closed form: train with ``--elbo trace``.
+    guide has no closed form: train with ``--elbo trace``. Its draws are
+    reparameterized in the means and scales (:class:`ReparameterizedMixture`), so an
+    MMD term trains those; the weights learn only through log p(z), i.e. from a KL
+    term (alpha < 1).
 
     Args:
         latent_dim: d.
@@ -98,7 +102,7 @@ class MixtureOfGaussiansPrior(PyroModule):
 
     def forward(self) -> dist.Distribution:
         scales = softplus_floor(self.rhos, self.floor)
-        return dist.MixtureSameFamily(
+        return ReparameterizedMixture(
             dist.Categorical(logits=self.logits),
             dist.Normal(self.locs, scales).to_event(1),
         )
@@ -149,7 +153,74 @@ class VampPrior(PyroModule):
         )
 
 
-class _ExpandedMixture(dist.MixtureSameFamily):
+class ReparameterizedMixture(dist.MixtureSameFamily):
+    r"""A mixture whose samples carry the pathwise gradient of its components.
+
+    A draw is :math:`z = g_{\theta_k}(\epsilon)`: the component index
+    :math:`k \sim \mathrm{Categorical}(\pi)` is drawn first, without gradient, then
+    z is drawn by ``rsample`` inside component k. Conditional on k this is the
+    ordinary reparameterization of component k, so for any f and component j
+
+    .. math::
+        \nabla_{\theta_j} \mathbb{E}_{p(z)} f(z)
+            = \mathbb{E}_{k \sim \pi,\, \epsilon}\Big[\mathbb{1}[k = j]\,
+              \nabla_z f(z)^\top \frac{\partial g_{\theta_j}(\epsilon)}
+              {\partial \theta_j}\Big], \qquad z = g_{\theta_k}(\epsilon),
+
+    so the pathwise gradient of a draw is an unbiased estimate of the gradient with
+    respect to the *component* parameters :math:`\theta_j` (the means and scales of
+    a Gaussian mixture; the VampPrior's pseudo-inputs through q(z | u_j)). For
+    instance :math:`\partial \sum z / \partial \mu_k` is the number of draws that
+    chose component k, and :math:`\partial \sum z / \partial \sigma_k` the sum of
+    their standardized noise :math:`(z - \mu_k) / \sigma_k`.
+
+    **The mixture weights get no gradient from a sample** (a stated limitation). The
+    choice of k is discrete, so :math:`\partial z / \partial \pi = 0` almost
+    everywhere, although :math:`\nabla_\pi \mathbb{E} f(z) \ne 0`. The two unbiased
+    ways to recover it were weighed and not taken here:
+
+    * a score-function term :math:`f(z) \nabla_\pi \log \pi_k` (Williams, 1992)
+      needs the value of the downstream loss f, which a sampler cannot see: it
+      belongs in the loss, and for an MMD² U-statistic of B draws it is noisy;
+    * implicit reparameterization through the distributional transform (Graves,
+      2016, "Stochastic backpropagation through mixture density distributions",
+      arXiv:1607.05690; Figurnov, Mohamed & Mnih, 2018, "Implicit
+      reparameterization gradients", NeurIPS) differentiates the chain of
+      conditional CDFs :math:`F_i(z_i \mid z_{<i})` and solves a d x d triangular
+      system per draw. It needs CDFs of the components, which the VampPrior's
+      components (any guide, e.g. a flow) do not have.
+
+    So under an objective that sees the prior only through its samples (MMD with
+    alpha = 1) learnable weights stay where they are; :class:`pyro_vae.losses.
+    Trace_InfoVAE` warns about that. Any term with log p(z) (a KL term) trains them.
+
+    Model-side use is unchanged: under Pyro's ELBOs the model's site z is replayed
+    from the guide, so neither ``sample`` nor ``rsample`` is called there and the
+    ELBO and its gradients are those of :class:`~pyro.distributions.MixtureSameFamily`.
+    ``rsample`` spends the random numbers ``sample`` spends, in the same order (the
+    indices, then a draw from every component, then a gather), so a seeded draw is
+    the same number either way. ``expand`` (Pyro's plates) keeps the class.
+    """
+
+    has_rsample = True
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        """A draw of shape ``sample_shape + batch_shape + event_shape``."""
+        sample_shape = torch.Size(sample_shape)
+        gather_dim = len(sample_shape) + len(self.batch_shape)
+        event_shape = self.event_shape
+        mixture = self.mixture_distribution
+        if mixture.batch_shape != self.batch_shape:  # weights shared over the batch
+            mixture = mixture.expand(self.batch_shape)
+        with torch.no_grad():
+            index = mixture.sample(sample_shape)  # (n, B)
+        draws = self.component_distribution.rsample(sample_shape)  # (n, B, K, E)
+        index = index.reshape(index.shape + (1,) * (len(event_shape) + 1))
+        index = index.expand(index.shape[: gather_dim + 1] + event_shape)
+        return torch.gather(draws, gather_dim, index).squeeze(gather_dim)
+
+
+class _ExpandedMixture(ReparameterizedMixture):
     r"""The VampPrior's mixture, with a log_prob that never broadcasts z over K.
 
     For diagonal Normal components (the diagonal guide's posterior) the quadratic form
@@ -244,18 +315,80 @@ def _check_dim(latent_dim: int) -> None:
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
 
 
-#: name -> factory(latent_dim, **options) returning a prior module. Options the
-#: builder passes: ``components``, ``pseudo_inputs``, ``df``, ``data_dim`` and
-#: ``posterior`` (the guide's x -> q(z|x), for the VampPrior); each factory takes
-#: what it uses.
+#: the keywords the builder offers every prior factory (see :mod:`pyro_vae.parts`):
+#: ``posterior`` is the guide's x -> q(z|x), for the VampPrior
+PRIOR_KEYWORDS = (
+    "latent_dim",
+    "data_dim",
+    "posterior",
+    "components",
+    "pseudo_inputs",
+    "df",
+)
+
+
+def _prior_entry(
+    name: str, factory: Callable[..., nn.Module]
+) -> Callable[..., nn.Module]:
+    """``factory`` as the registry entry ``name``: it takes what its signature names.
+
+    Called directly, it also accepts, and drops, the other :data:`PRIOR_KEYWORDS`
+    (code that passes a factory all of them keeps working) and refuses any other
+    keyword with the list of what it takes. ``inspect.signature`` of the entry is
+    the factory's own.
+    """
+    import functools
+    import inspect
+
+    takes = tuple(inspect.signature(factory).parameters)
+
+    @functools.wraps(factory)
+    def entry(*args: object, **options: object) -> nn.Module:
+        unknown = sorted(set(options) - set(takes) - set(PRIOR_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"the {name} prior does not take {', '.join(unknown)}; it takes: "
+                f"{', '.join(takes) or 'no options'}"
+            )
+        return factory(*args, **{k: v for k, v in options.items() if k in takes})
+
+    return entry
+
+
+def _normal_prior(latent_dim: int) -> nn.Module:
+    return StandardNormalPrior(latent_dim)
+
+
+def _learned_normal_prior(latent_dim: int) -> nn.Module:
+    return LearnedNormalPrior(latent_dim)
+
+
+def _mog_prior(latent_dim: int, components: int = 10) -> nn.Module:
+    return MixtureOfGaussiansPrior(latent_dim, components)
+
+
+def _vamp_prior(
+    posterior: Callable[[torch.Tensor], dist.Distribution],
+    data_dim: int,
+    pseudo_inputs: int = 500,
+) -> nn.Module:
+    return VampPrior(posterior, pseudo_inputs, data_dim)
+
+
+def _student_t_prior(latent_dim: int, df: float = 3.0) -> nn.Module:
+    return StudentTPrior(latent_dim, df)
+
+
+#: name -> factory returning a prior module. Each factory names the options it takes
+#: (``components`` for mog, ``pseudo_inputs`` for vamp, ``df`` for student-t); the
+#: builder passes it those, of :data:`PRIOR_KEYWORDS`.
 PRIORS: dict[str, Callable[..., nn.Module]] = {
-    "normal": lambda latent_dim, **_: StandardNormalPrior(latent_dim),
-    "learned-normal": lambda latent_dim, **_: LearnedNormalPrior(latent_dim),
-    "mog": lambda latent_dim, components=10, **_: MixtureOfGaussiansPrior(
-        latent_dim, components
-    ),
-    "vamp": lambda latent_dim, posterior, pseudo_inputs=500, data_dim=784, **_: (
-        VampPrior(posterior, pseudo_inputs, data_dim)
-    ),
-    "student-t": lambda latent_dim, df=3.0, **_: StudentTPrior(latent_dim, df),
+    name: _prior_entry(name, factory)
+    for name, factory in [
+        ("normal", _normal_prior),
+        ("learned-normal", _learned_normal_prior),
+        ("mog", _mog_prior),
+        ("vamp", _vamp_prior),
+        ("student-t", _student_t_prior),
+    ]
 }

@@ -44,8 +44,12 @@ def make_objective(
     kernel: str,
     bandwidth: str,
     num_particles: int = 1,
+    kl_warmup: bool = False,
 ) -> ELBO:
-    """The InfoVAE-family loss named ``loss`` (see :data:`PRESETS`)."""
+    """The InfoVAE-family loss named ``loss`` (see :data:`PRESETS`).
+
+    ``kl_warmup``: weigh the KL term by a tensor ``kl_weight`` that a warm-up sets.
+    """
     return infovae_preset(
         loss,
         alpha=alpha,
@@ -55,4 +59,5 @@ def make_objective(
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
         max_plate_nesting=1,  # the model contract's "data" plate; no first-call guess
+        kl_warmup=kl_warmup,
     )
