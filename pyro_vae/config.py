@@ -75,6 +75,11 @@ class FitConfig:
     alpha: float = _f(0.0, "InfoVAE alpha: 1 - alpha weighs KL(q(z|x) || p(z))")
     lam: float = _f(1000.0, "InfoVAE lambda: alpha + lambda - 1 weighs MMD(q(z), p(z))")
     beta: float = _f(4.0, "beta of beta-vae: the weight of the KL term")
+    kl_warmup: float = _f(
+        0.0,
+        "epochs over which the KL term's weight rises linearly from 0 to 1 "
+        "(Sonderby et al. 2016); 0 is off. Reported ELBOs keep weight 1",
+    )
     kernel: str = _f(
         "rbf", "MMD kernel: rbf or imq; add -multi for scales 0.1..10 (rbf-multi)"
     )
@@ -170,6 +175,20 @@ class FitConfig:
                 math.isfinite(self.alpha) and math.isfinite(self.lam),
                 f"--alpha and --lam must be finite, got {self.alpha}, {self.lam}",
             ),
+            (
+                0 <= self.kl_warmup < math.inf,
+                f"--kl-warmup must be a number of epochs >= 0, got {self.kl_warmup}",
+            ),
+            (
+                not self.kl_warmup or self.loss not in ("mmd-vae", "ae"),
+                f"--kl-warmup weighs the KL term, and --loss {self.loss} has none "
+                "(alpha = 1); drop --kl-warmup or use elbo, beta-vae or infovae",
+            ),
+            (
+                not self.kl_warmup or self.elbo == "trace",
+                "--kl-warmup weighs the Monte Carlo KL of Trace_ELBO; use --elbo "
+                "trace with it",
+            ),
             (self.devices >= 1, f"--devices must be >= 1, got {self.devices}"),
             (self.num_nodes >= 1, f"--num-nodes must be >= 1, got {self.num_nodes}"),
             (
@@ -191,6 +210,12 @@ class FitConfig:
             make_kernel(self.kernel, self.bandwidth)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        # prior, likelihood, guide: a registry name or PACKAGE.MODULE:FACTORY (not
+        # imported here; the builder imports it). Imported late: parts imports the
+        # registries of models and guides.
+        from pyro_vae.parts import check_names
+
+        check_names(self)
 
     def resolved_binarize(self) -> str:
         """What ``binarize="auto"`` means for this likelihood."""

@@ -42,7 +42,13 @@ BINARIZE_SEED = 1  # fixed: evaluation splits are binarized the same in every ru
 
 @dataclass(frozen=True)
 class Splits:
-    """Train, validation and test data, each ``(N, D)`` float32 in [0, 1]."""
+    """Train, validation and test data, each ``(N, D)`` float32 in [0, 1].
+
+    ``binarization`` says what :func:`binarize_splits` did to them, so that training
+    cannot forget it: ``"dynamic"`` (the training split is in grey levels and each
+    batch is drawn afresh; valid and test were drawn once), ``"static"`` (all drawn
+    once) or ``"none"``.
+    """
 
     train: torch.Tensor
     valid: torch.Tensor
@@ -51,6 +57,7 @@ class Splits:
     train_labels: torch.Tensor | None = None
     valid_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    binarization: str = "none"
 
     @property
     def data_dim(self) -> int:
@@ -186,9 +193,18 @@ def binarize_splits(splits: Splits, binarize: str) -> Splits:
     def draw(x: torch.Tensor) -> torch.Tensor:
         return torch.bernoulli(x, generator=gen)
 
+    if splits.binarization != "none":
+        raise DataError(
+            f"these splits are already binarized ({splits.binarization}); binarize "
+            "the data once"
+        )
     train = splits.train if binarize == "dynamic" else draw(splits.train)
     return replace(
-        splits, train=train, valid=draw(splits.valid), test=draw(splits.test)
+        splits,
+        train=train,
+        valid=draw(splits.valid),
+        test=draw(splits.test),
+        binarization=binarize,
     )
 
 

@@ -263,14 +263,13 @@ def _train_with_checkpoints(
             train(
                 model,
                 guide,
-                splits.train,
-                splits.valid,
+                splits,
                 elbo=make_elbo(cfg.elbo, cfg.num_particles),
                 epochs=cfg.epochs,
                 batch_size=cfg.batch_size,
                 lr=cfg.lr,
                 objective=_objective(cfg),
-                dynamic_binarization=cfg.resolved_binarize() == "dynamic",
+                kl_warmup=cfg.kl_warmup,
                 progress=main and not cfg.quiet and sys.stderr.isatty(),
                 on_epoch=on_epoch,
                 optimizer=optimizer,
@@ -278,7 +277,7 @@ def _train_with_checkpoints(
                 start_step=state["step"],
                 grad_clip=cfg.grad_clip,
                 should_stop=lambda: bool(caught),
-                jit=cfg.jit,
+                jit="auto" if cfg.jit else False,
                 distributed=ctx,
             )
         except TrainingInterrupted as stop:
@@ -326,8 +325,12 @@ def _lost(
 
 
 def _objective(cfg: FitConfig) -> ELBO | None:
-    """None for the plain ELBO (``--elbo`` picks it), else the InfoVAE-family loss."""
-    if cfg.loss == "elbo":
+    """None for the plain ELBO (``--elbo`` picks it), else the InfoVAE-family loss.
+
+    With ``--kl-warmup`` even the ELBO becomes a Trace_InfoVAE at (α, λ) = (0, 1),
+    whose KL weight is a tensor the warm-up sets each step.
+    """
+    if cfg.loss == "elbo" and not cfg.kl_warmup:
         return None
     try:
         return make_objective(
@@ -338,6 +341,7 @@ def _objective(cfg: FitConfig) -> ELBO | None:
             kernel=cfg.kernel,
             bandwidth=cfg.bandwidth,
             num_particles=cfg.num_particles,
+            kl_warmup=cfg.kl_warmup > 0,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -33,6 +33,7 @@ This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -45,8 +46,8 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from pyro_vae.data import batches
-from pyro_vae.errors import PyroVAEError
+from pyro_vae.data import Splits, batches
+from pyro_vae.errors import DataError, PyroVAEError
 from pyro_vae.step import StepLoss, make_optimizer
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "dataset_elbo",
+    "kl_weight_at",
     "make_elbo",
     "train",
 ]
@@ -133,15 +135,16 @@ def dataset_elbo(
 def train(
     model: torch.nn.Module,
     guide: torch.nn.Module,
-    train_x: torch.Tensor,
-    valid_x: torch.Tensor,
+    train_x: torch.Tensor | Splits,
+    valid_x: torch.Tensor | None = None,
     *,
     elbo: ELBO,
     epochs: int,
     batch_size: int,
     lr: float,
     objective: ELBO | None = None,
-    dynamic_binarization: bool = False,
+    dynamic_binarization: bool | None = None,
+    kl_warmup: float = 0.0,
     progress: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -149,7 +152,7 @@ def train(
     start_step: int = 0,
     grad_clip: float = 0.0,
     should_stop: Callable[[], bool] | None = None,
-    jit: bool = True,
+    jit: bool | str = "auto",
     distributed: DistContext | None = None,
 ) -> tuple[list[EpochStats], torch.optim.Optimizer]:
     """Train ``model`` and ``guide`` by SVI with Adam, epochs start_epoch..epochs.
@@ -157,13 +160,22 @@ def train(
     Args:
         model, guide: Pyro programs taking one batch ``(B, D)``; see
             :mod:`pyro_vae.models.vae` for the contract.
-        train_x, valid_x: data on the training device, ``(N, D)``.
+        train_x, valid_x: data on the training device, ``(N, D)``; or
+            ``train_x`` a :class:`~pyro_vae.data.Splits` from
+            :func:`~pyro_vae.data.binarize_splits` (and no ``valid_x``), which
+            brings its binarization along.
         elbo: the ELBO estimator for reporting, e.g. :func:`make_elbo`; also the
             objective unless ``objective`` is given.
         epochs, batch_size, lr: the schedule; batches are shuffled indices.
         objective: a different loss to minimize (e.g. InfoVAE); the ELBO of each
             training batch is then computed beside it, without gradients.
         dynamic_binarization: draw each training batch as Bernoulli(train_x[idx]).
+            Taken from the splits when they are given; with plain tensors it
+            defaults to False.
+        kl_warmup: epochs over which the KL weight rises linearly from 0 to 1, step
+            by step (Sønderby et al., 2016, "Ladder variational autoencoders"); 0 is
+            off. ``objective`` must carry the weight as a tensor ``kl_weight`` (e.g.
+            ``Trace_InfoVAE(kl_warmup=True)``); the reported ELBOs keep weight 1.
         progress: show a tqdm bar over epochs.
         on_epoch: called with each epoch's stats (e.g. to write history and
             checkpoints).
@@ -173,8 +185,10 @@ def train(
         grad_clip: clip the global gradient norm to this value; 0 leaves it.
         should_stop: polled after every step; when it returns True training stops
             with :class:`TrainingInterrupted` (e.g. on SIGINT).
-        jit: trace each step's loss once per batch shape (:class:`StepLoss`);
-            ``False`` runs Pyro eagerly. The draws and gradients are the same
+        jit: ``"auto"`` traces each step's loss once per batch shape where that is
+            known to mean what eager Pyro means (the registries' parts) and runs
+            other models eagerly; ``True`` traces any model; ``False`` runs Pyro
+            eagerly (:class:`StepLoss`). The draws and gradients are the same
             either way; the reported loss may differ in its last digit.
         distributed: train on several processes (module docstring): this process
             takes its shard of each epoch, ``batch_size`` is the global batch, and
@@ -190,8 +204,12 @@ def train(
         pyro_vae.distributed.DistributedError: with ``distributed``, when another
             process died or hung.
     """
+    train_x, valid_x, dynamic_binarization = _data(
+        train_x, valid_x, dynamic_binarization
+    )
     elbo_fn = elbo(model, guide)
     loss_fn = elbo_fn if objective is None else objective(model, guide)
+    kl_weight = _kl_weight(objective, kl_warmup)
     run = _Run(
         loss_fn=loss_fn,
         elbo_fn=elbo_fn,
@@ -203,6 +221,8 @@ def train(
         should_stop=should_stop,
         distributed=distributed,
         check_each_step=train_x.device.type == "cpu",
+        kl_weight=kl_weight,
+        kl_warmup=kl_warmup,
     )
     history: list[EpochStats] = []
     step = start_step
@@ -220,6 +240,54 @@ def train(
     return history, run.optimizer
 
 
+def _data(
+    train_x: torch.Tensor | Splits,
+    valid_x: torch.Tensor | None,
+    dynamic: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Training and validation tensors and whether to binarize each batch."""
+    if isinstance(train_x, Splits):
+        splits = train_x
+        if valid_x is not None:
+            raise ValueError(
+                "train() got Splits and a valid_x: the splits bring their own "
+                "validation data; pass one or the other"
+            )
+        from_splits = splits.binarization == "dynamic"
+        if dynamic is not None and dynamic != from_splits:
+            raise ValueError(
+                f"dynamic_binarization={dynamic} contradicts the splits, binarized "
+                f"{splits.binarization!r}; leave it out when passing Splits"
+            )
+        return splits.train, splits.valid, from_splits
+    if valid_x is None:
+        raise ValueError(
+            "train() needs valid_x with a training tensor, or a Splits instead"
+        )
+    return train_x, valid_x, bool(dynamic)
+
+
+def _kl_weight(objective: ELBO | None, kl_warmup: float) -> torch.Tensor | None:
+    """The objective's KL weight tensor, which the warm-up sets before each step."""
+    if not kl_warmup:
+        return None
+    if not (kl_warmup > 0 and math.isfinite(kl_warmup)):
+        raise ValueError(f"kl_warmup must be >= 0 epochs, got {kl_warmup}")
+    weight = getattr(objective, "kl_weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(
+            "kl_warmup needs an objective that weighs its KL term by a tensor "
+            "kl_weight, e.g. pyro_vae.losses.Trace_InfoVAE(kl_warmup=True)"
+        )
+    return weight
+
+
+def kl_weight_at(epoch: int, done: float, warmup: float) -> float:
+    """The warm-up's KL weight after ``done`` of epoch ``epoch`` (1-based): the
+    fraction of ``warmup`` epochs passed, at most 1."""
+    return min(1.0, (epoch - 1 + done) / warmup)
+
+
 class _Run:
     """What every step of one call of :func:`train` shares, and the epoch loop.
 
@@ -234,15 +302,18 @@ class _Run:
         loss_fn: torch.nn.Module,
         elbo_fn: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        jit: bool,
+        jit: bool | str,
         reports_elbo: bool,
         batch_size: int,
         grad_clip: float,
         should_stop: Callable[[], bool] | None,
         distributed: DistContext | None,
         check_each_step: bool,
+        kl_weight: torch.Tensor | None = None,
+        kl_warmup: float = 0.0,
     ) -> None:
         self.loss_fn, self.elbo_fn, self.optimizer = loss_fn, elbo_fn, optimizer
+        self.kl_weight, self.kl_warmup = kl_weight, kl_warmup
         self.step_loss: Callable[[torch.Tensor], torch.Tensor] = StepLoss(
             loss_fn, jit=jit
         )
@@ -277,9 +348,17 @@ class _Run:
         total_loss = torch.zeros((), device=train_x.device, dtype=torch.float64)
         total_elbo = torch.zeros_like(total_loss)
         seen = 0
-        for x in data:
+        n_batches = -(
+            -(len(train_x) if order is None else len(order)) // self.step_batch
+        )
+        for i, x in enumerate(data):
             step += 1
             seen += len(x)
+            if self.kl_weight is not None:
+                with torch.no_grad():
+                    self.kl_weight.fill_(
+                        kl_weight_at(epoch, i / n_batches, self.kl_warmup)
+                    )
             loss, stop = self._step(x, epoch, step, history)
             total_loss += loss.detach().double()
             if self.step_elbo is not None:
@@ -354,16 +433,27 @@ def _loss(
     """The batch loss; a NaN that validation catches becomes a NaN loss.
 
     Pyro's own "Encountered NaN" warning is silenced: :func:`_check_finite` stops
-    training with a message that says what to do.
+    training with a message that says what to do. Data outside a distribution's
+    support are not a NaN: they raise :class:`DataError` saying so.
     """
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
             return step_loss(x)
     except ValueError as err:
+        text = str(err)
+        if "within the support" in text:
+            raise DataError(
+                "a training batch lies outside the support of a distribution in the "
+                f"model ({text.splitlines()[0]}). Data in [0, 1] for a Bernoulli "
+                "likelihood must be binarized: pass the Splits from "
+                "binarize_splits(splits, 'dynamic') to train(), or "
+                "dynamic_binarization=True; otherwise choose a likelihood whose "
+                "support holds the data"
+            ) from None
         # Under validation a NaN reaches a distribution's parameters first, and
         # torch refuses them ("... but found invalid values"): the same failure.
-        if "found invalid values" not in str(err):
+        if "found invalid values" not in text:
             raise
         return torch.tensor(float("nan"), device=x.device)
 
