@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from pyro_vae.nn import mlp
+from pyro_vae.nn import mlp, registry_entry
 
 from .base import AmortizedGuide
 from .encoders import ENCODERS
@@ -73,34 +73,6 @@ GUIDE_KEYWORDS = (
 )
 
 
-def _guide_entry(
-    name: str, factory: Callable[..., nn.Module]
-) -> Callable[..., nn.Module]:
-    """``factory`` as the registry entry ``name``: it takes what its signature names.
-
-    Called directly, it also accepts, and drops, the other :data:`GUIDE_KEYWORDS`
-    (code that passes a factory all of them keeps working) and refuses any other
-    keyword with the list of what it takes. ``inspect.signature`` of the entry is
-    the factory's own.
-    """
-    import functools
-    import inspect
-
-    takes = tuple(inspect.signature(factory).parameters)
-
-    @functools.wraps(factory)
-    def entry(*args: object, **options: object) -> nn.Module:
-        unknown = sorted(set(options) - set(takes) - set(GUIDE_KEYWORDS))
-        if unknown:
-            raise TypeError(
-                f"the {name} guide does not take {', '.join(unknown)}; it takes: "
-                f"{', '.join(takes)}"
-            )
-        return factory(*args, **{k: v for k, v in options.items() if k in takes})
-
-    return entry
-
-
 def _diagonal(make_encoder: Callable[[int], nn.Module], latent_dim: int) -> nn.Module:
     return DiagonalNormalGuide(make_encoder(2 * latent_dim), latent_dim)
 
@@ -128,7 +100,7 @@ def _flow(
 #: factory names the options it takes (``rank`` for lowrank, ``flow_steps`` for
 #: flow); the builder passes it those, of :data:`GUIDE_KEYWORDS`.
 GUIDES: dict[str, Callable[..., nn.Module]] = {
-    name: _guide_entry(name, factory)
+    name: registry_entry("guide", name, factory, GUIDE_KEYWORDS)
     for name, factory in [
         ("diagonal", _diagonal),
         ("lowrank", _lowrank),

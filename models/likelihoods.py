@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 
-from pyro_vae.nn import softplus_floor
+from pyro_vae.nn import registry_entry, softplus_floor
 
 from .discretized import BINS, DiscretizedLogistic
 from .likelihood_base import (
@@ -205,34 +205,6 @@ class DiscretizedLogisticLikelihood(AbstractLikelihood):
 LIKELIHOOD_KEYWORDS = ("data_dim", "latent_dim", "sigma", "sigma_floor")
 
 
-def _likelihood_entry(
-    name: str, factory: Callable[..., AbstractLikelihood]
-) -> Callable[..., AbstractLikelihood]:
-    """``factory`` as the registry entry ``name``: it takes what its signature names.
-
-    Called directly, it also accepts, and drops, the other
-    :data:`LIKELIHOOD_KEYWORDS` (code that passes a factory all of them keeps
-    working) and refuses any other keyword with the list of what it takes.
-    ``inspect.signature`` of the entry is the factory's own.
-    """
-    import functools
-    import inspect
-
-    takes = tuple(inspect.signature(factory).parameters)
-
-    @functools.wraps(factory)
-    def entry(*args: object, **options: object) -> AbstractLikelihood:
-        unknown = sorted(set(options) - set(takes) - set(LIKELIHOOD_KEYWORDS))
-        if unknown:
-            raise TypeError(
-                f"the {name} likelihood does not take {', '.join(unknown)}; it takes: "
-                f"{', '.join(takes) or 'no options'}"
-            )
-        return factory(*args, **{k: v for k, v in options.items() if k in takes})
-
-    return entry
-
-
 def _bernoulli() -> AbstractLikelihood:
     return BernoulliLikelihood()
 
@@ -279,7 +251,7 @@ def _discretized_logistic(sigma_floor: float = 1e-3) -> AbstractLikelihood:
 #: takes (``sigma``, ``sigma_floor``, ``data_dim``); the builder passes it those, of
 #: :data:`LIKELIHOOD_KEYWORDS`.
 LIKELIHOODS: dict[str, Callable[..., AbstractLikelihood]] = {
-    name: _likelihood_entry(name, factory)
+    name: registry_entry("likelihood", name, factory, LIKELIHOOD_KEYWORDS)
     for name, factory in [
         ("bernoulli", _bernoulli),
         ("gaussian", _gaussian),

@@ -16,7 +16,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vae.nn import softplus_floor
+from pyro_vae.nn import registry_entry, softplus_floor
 
 from .likelihood_base import inverse_softplus_floor
 
@@ -327,34 +327,6 @@ PRIOR_KEYWORDS = (
 )
 
 
-def _prior_entry(
-    name: str, factory: Callable[..., nn.Module]
-) -> Callable[..., nn.Module]:
-    """``factory`` as the registry entry ``name``: it takes what its signature names.
-
-    Called directly, it also accepts, and drops, the other :data:`PRIOR_KEYWORDS`
-    (code that passes a factory all of them keeps working) and refuses any other
-    keyword with the list of what it takes. ``inspect.signature`` of the entry is
-    the factory's own.
-    """
-    import functools
-    import inspect
-
-    takes = tuple(inspect.signature(factory).parameters)
-
-    @functools.wraps(factory)
-    def entry(*args: object, **options: object) -> nn.Module:
-        unknown = sorted(set(options) - set(takes) - set(PRIOR_KEYWORDS))
-        if unknown:
-            raise TypeError(
-                f"the {name} prior does not take {', '.join(unknown)}; it takes: "
-                f"{', '.join(takes) or 'no options'}"
-            )
-        return factory(*args, **{k: v for k, v in options.items() if k in takes})
-
-    return entry
-
-
 def _normal_prior(latent_dim: int) -> nn.Module:
     return StandardNormalPrior(latent_dim)
 
@@ -383,7 +355,7 @@ def _student_t_prior(latent_dim: int, df: float = 3.0) -> nn.Module:
 #: (``components`` for mog, ``pseudo_inputs`` for vamp, ``df`` for student-t); the
 #: builder passes it those, of :data:`PRIOR_KEYWORDS`.
 PRIORS: dict[str, Callable[..., nn.Module]] = {
-    name: _prior_entry(name, factory)
+    name: registry_entry("prior", name, factory, PRIOR_KEYWORDS)
     for name, factory in [
         ("normal", _normal_prior),
         ("learned-normal", _learned_normal_prior),

@@ -7,8 +7,10 @@ scikit-learn's digits, 784 for MNIST.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -23,6 +25,7 @@ __all__ = [
     "PosteriorFn",
     "image_chw",
     "mlp",
+    "registry_entry",
     "parse_hidden",
     "softplus_floor",
 ]
@@ -220,3 +223,29 @@ class ConvDecoder(nn.Module):
         c, h, w = self.chw
         maps = maps[..., :h, :w]  # crop the 4x upsampling to the image size
         return maps.reshape(*batch, self.k * c * h * w)
+
+
+def registry_entry(
+    kind: str, name: str, factory: Callable[..., object], keywords: Sequence[str]
+) -> Callable[..., object]:
+    """``factory`` as the registry entry ``name`` of a part ``kind`` ("prior", ...).
+
+    The entry takes what the factory's signature names. Called directly, it also
+    accepts, and drops, the other ``keywords`` the builder offers every part of
+    this kind (code that passes a factory all of them keeps working), and refuses
+    any other keyword with the list of what it takes. ``inspect.signature`` of the
+    entry is the factory's own.
+    """
+    takes = tuple(inspect.signature(factory).parameters)
+
+    @functools.wraps(factory)
+    def entry(*args: object, **options: object) -> object:
+        unknown = sorted(set(options) - set(takes) - set(keywords))
+        if unknown:
+            raise TypeError(
+                f"the {name} {kind} does not take {', '.join(unknown)}; it takes: "
+                f"{', '.join(takes) or 'no options'}"
+            )
+        return factory(*args, **{k: v for k, v in options.items() if k in takes})
+
+    return entry
