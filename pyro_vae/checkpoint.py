@@ -16,7 +16,13 @@ import torch
 
 from pyro_vae.errors import PyroVAEError
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "load_checkpoint",
+    "remove_stray_temporaries",
+    "save_checkpoint",
+]
 
 CHECKPOINT_FORMAT = 1
 
@@ -26,20 +32,66 @@ class CheckpointError(PyroVAEError):
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``payload`` (plus a format tag) to ``path`` atomically."""
+    """Write ``payload`` (plus a format tag) to ``path`` atomically.
+
+    Raises:
+        OSError: naming ``path`` (not the temporary file), if it cannot be written
+            (read-only, disk full); the previous checkpoint there is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+        )
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600, else: as any other file
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: the temporary files of the atomic writes of a run directory (checkpoint, history,
+#: metrics, report, evaluation); a process killed mid-write leaves one behind
+STRAY_PATTERNS = (
+    ".checkpoint.pt.*.tmp",
+    ".*.json.tmp",
+    ".*.csv.tmp",
+    ".*.md.tmp",
+    ".*.nc.tmp",
+)
+
+
+def remove_stray_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete what killed atomic writes left in ``directory``; the removed paths.
+
+    Call it only while holding the directory's lock (:mod:`pyro_vae.runlock`): a
+    live writer's temporary file looks the same.
+    """
+    removed = []
+    for pattern in STRAY_PATTERNS:
+        for stray in Path(directory).glob(pattern):
+            if stray.is_file():
+                stray.unlink(missing_ok=True)
+                removed.append(stray)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -51,9 +103,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"no checkpoint at {path}; train a run first (pyro_vae.fit)"
-        )
+        raise CheckpointError(_missing(path))
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, pickle errors, ...
@@ -66,3 +116,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a pyro_vae checkpoint of format {CHECKPOINT_FORMAT}"
         )
     return payload
+
+
+def _missing(path: Path) -> str:
+    """Why there is no checkpoint at ``path``, and what to do instead."""
+    folder = path.parent
+    if folder.is_file():
+        return (
+            f"{folder} is a file, not a run directory; give the directory that "
+            f"holds it ({folder.parent})"
+        )
+    if path.exists():
+        return f"{path} is not a file; a run directory holds its checkpoint there"
+    if (folder / "config.json").is_file():
+        from pyro_vae.rundir import restart_command  # rundir imports this module
+
+        return (
+            f"no checkpoint at {path}: the run in {folder} stopped before its first "
+            "checkpoint, so there is nothing to resume or evaluate; start it again "
+            f"from epoch 1 with: {restart_command(folder)}"
+        )
+    return f"no checkpoint at {path}; train a run first (pyro_vae.fit)"

@@ -7,9 +7,14 @@ this one table.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
+import numbers
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +23,22 @@ import torch
 from pyro_vae.errors import ConfigError
 from pyro_vae.losses.select import make_kernel
 
-__all__ = ["FitConfig", "resolve_device"]
+__all__ = [
+    "MAX_EPOCHS",
+    "MAX_SEED",
+    "FitConfig",
+    "format_bytes",
+    "machine_memory",
+    "memory_free",
+    "memory_guard",
+    "refuse_if_too_big",
+    "resolve_device",
+]
+
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which pyro.set_rng_seed uses
+MAX_EPOCHS = 10**9
+_MAX_INT = 2**63 - 1  # what torch holds in an int64
+_CHECK_MEMORY = contextvars.ContextVar("check_memory", default=True)
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:  # noqa: A002 - argparse's word
@@ -117,7 +137,40 @@ class FitConfig:
     quiet: bool = _f(False, "no progress bar and no summary table")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         checks = [
+            (
+                0 <= self.seed <= MAX_SEED,
+                f"--seed must be an integer from 0 to 2**32 - 1 = {MAX_SEED} "
+                f"(numpy's seed range), got {self.seed}",
+            ),
+            (
+                self.epochs <= MAX_EPOCHS,
+                f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}",
+            ),
+            *(
+                (
+                    getattr(self, f.name) <= _MAX_INT,
+                    f"--{f.name.replace('_', '-')} {getattr(self, f.name)} is too "
+                    f"large; it must be at most 2**63 - 1",
+                )
+                for f in dataclasses.fields(self)
+                if isinstance(f.default, int)
+                and not isinstance(f.default, bool)
+                and f.name not in ("seed", "epochs")
+            ),
+            *(
+                (
+                    value is None or value.strip() != "",
+                    f"--{name.replace('_', '-')} is an empty string; give a path, or "
+                    "leave the flag out",
+                )
+                for name, value in (
+                    ("data_dir", self.data_dir),
+                    ("data_path", self.data_path),
+                    ("out", self.out),
+                )
+            ),
             (self.latent_dim >= 1, f"--latent-dim must be >= 1, got {self.latent_dim}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (
@@ -216,6 +269,8 @@ class FitConfig:
         from pyro_vae.parts import check_names
 
         check_names(self)
+        if _CHECK_MEMORY.get():
+            _check_memory(self)
 
     def resolved_binarize(self) -> str:
         """What ``binarize="auto"`` means for this likelihood."""
@@ -227,25 +282,51 @@ class FitConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FitConfig:
-        """Rebuild a config saved by :meth:`to_json` (lists become tuples)."""
+    def from_dict(
+        cls, values: dict[str, Any], source: str = "the stored config"
+    ) -> FitConfig:
+        """Rebuild a config saved by :meth:`to_json` (lists become tuples).
+
+        ``source`` names where ``values`` came from in error messages, e.g.
+        ``"the config stored in runs/a/checkpoint.pt"``.
+        """
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"{source} is a {type(values).__name__}, not a mapping of settings"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+            raise ConfigError(
+                f"unknown config keys {sorted(unknown)} in {source}; this version of "
+                "pyro_vae does not know them (written by another version, or edited)"
+            )
         values = dict(values)
-        if "hidden" in values:
+        if isinstance(values.get("hidden"), list):
             values["hidden"] = tuple(values["hidden"])
-        return cls(**values)
+        # a stored config passed the memory check where it was written; what it
+        # needs to be loaded here (weights only) is checked by pyro_vae.loading
+        token = _CHECK_MEMORY.set(False)
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        finally:
+            _CHECK_MEMORY.reset(token)
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:I`` into a device that exists."""
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """Turn ``auto``, ``cpu``, ``cuda`` or ``cuda:I`` into a device that exists.
+
+    ``flag`` names the setting in messages: ``--device`` on the command line,
+    ``device=`` for a keyword argument of the Python API.
+    """
+    given = f"{flag}{name}" if flag.endswith("=") else f"{flag} {name}"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise ConfigError(
             f"unknown device {name!r}; use auto, cpu, cuda or cuda:I"
         ) from None
@@ -254,12 +335,250 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cuda":
         raise ConfigError(f"device {name!r} is not supported; use auto, cpu or cuda")
     if not torch.cuda.is_available():
+        cpu = f"{flag}cpu" if flag.endswith("=") else f"{flag} cpu"
         raise ConfigError(
-            f"--device {name} asks for CUDA, but torch sees no CUDA GPU here; use "
-            "--device cpu (or auto, which picks CUDA only when it is there)"
+            f"{given} asks for CUDA, but torch sees no CUDA GPU here; use "
+            f"{cpu} (or auto, which picks CUDA only when it is there)"
         )
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(
-            f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices"
+            f"{given}: there are only {torch.cuda.device_count()} CUDA devices"
         )
     return device
+
+
+def _check_types(cfg: FitConfig) -> None:
+    """Each field holds its default's type (a config from JSON or Python may not)."""
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            ok = isinstance(value, tuple | list) and all(map(_is_integer, value))
+            if ok:  # lists (JSON, Python) and numpy integers become a tuple of ints
+                object.__setattr__(cfg, f.name, tuple(int(w) for w in value))
+            kind = "a tuple of integers"
+        elif isinstance(f.default, bool):
+            ok, kind = isinstance(value, bool), "True or False"
+        elif isinstance(f.default, int):
+            ok, kind = _is_integer(value), "an integer"
+            if ok:
+                object.__setattr__(cfg, f.name, int(value))
+        elif isinstance(f.default, float):
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            kind = "a number"
+            if ok:  # numpy scalars become plain floats (config.json holds them)
+                object.__setattr__(cfg, f.name, float(value))
+        else:  # str, or str | None
+            ok = isinstance(value, str) or (f.default is None and value is None)
+            kind = "a string" if f.default is not None else "a string or None"
+        if not ok:
+            raise ConfigError(f"{flag} must be {kind}, got {value!r}")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------------- memory
+
+#: (D, training data, test data) of the built-in datasets, so that the memory a
+#: config needs can be estimated before any data are loaded; npz data are unknown
+#: and counted as one feature and one datum, which makes the estimate a lower bound
+_KNOWN_DATA = {
+    "digits": (64, 1293, 360),
+    "mnist": (784, 54000, 10000),
+    "fashion-mnist": (784, 54000, 10000),
+    "kmnist": (784, 54000, 10000),
+}
+#: flags whose size the estimate depends on, in the order they are blamed
+_MEMORY_FLAGS = (
+    "hidden",
+    "latent_dim",
+    "num_particles",
+    "eval_k",
+    "components",
+    "pseudo_inputs",
+    "rank",
+    "flow_steps",
+    "batch_size",
+)
+
+
+def _mlp_params(widths: list[int]) -> int:
+    return sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
+
+
+def network_params(values: Mapping[str, Any], data_dim: int) -> int:
+    """About how many parameters the networks of a config have (registry parts;
+    parts of one's own are counted as the diagonal guide and a fixed prior)."""
+    d, hidden = values["latent_dim"], list(values["hidden"])
+    guide, steps = values["guide"], values["flow_steps"]
+    out = {
+        "lowrank": d * (values["rank"] + 2),
+        "fullrank": d + d * (d + 1) // 2,
+        "flow": 2 * d + (2 * d if steps else 0),
+    }.get(guide, 2 * d)
+    if values["arch"] == "mlp":
+        nets = _mlp_params([data_dim, *hidden, out])
+        nets += _mlp_params([d, *hidden[::-1], data_dim])
+    else:  # conv: a 256-wide dense layer on each side
+        nets = 256 * (out + d)
+    if guide == "flow":  # each step: an autoregressive net (d + 2d) -> 10d -> 2d
+        nets += steps * 50 * d * d
+    nets += {
+        "mog": values["components"] * (2 * d + 1),
+        "vamp": values["pseudo_inputs"] * data_dim,
+    }.get(values["prior"], 0)
+    return nets
+
+
+def _memory_terms(values: Mapping[str, Any]) -> dict[str, int]:
+    """Bytes of the largest allocations of a run, by what they hold (lower bounds)."""
+    data_dim, n_train, n_test = _KNOWN_DATA.get(values["dataset"], (1, 1, 1))
+    d, hidden = values["latent_dim"], list(values["hidden"])
+    width = 2 * sum(hidden) + 4 * d + 2 * data_dim  # activations per row, both nets
+    processes = max(1, values["devices"] * values["num_nodes"])
+    batch = max(1, min(values["batch_size"], n_train) // processes)
+    rows = values["num_particles"] * batch
+    if values["prior"] == "vamp":
+        rows += values["pseudo_inputs"]
+    weights = 4 * network_params(values, data_dim)
+    chunk = min(100, n_test)  # pyro_vae.evaluate.marginal's data chunk
+    evaluation = 8 * values["eval_k"] * chunk + 4 * 16 * chunk * width
+    return {
+        # float32 weights, their gradients and Adam's two moments
+        _NETWORKS: 4 * weights,
+        # forward values kept for the backward pass, and their gradients
+        _TRAINING: 2 * 4 * rows * width,
+        # K float64 log-weights per datum of a data chunk, and 16 particles' passes
+        _EVALUATION: evaluation if values["eval_k"] else 0,
+    }
+
+
+_NETWORKS = "the networks' weights, gradients and Adam moments"
+_TRAINING = "the activations of one training step"
+_EVALUATION = "the final evaluation's --eval-k log-weights and activations"
+
+
+def _memory_needed(values: Mapping[str, Any]) -> int:
+    terms = _memory_terms(values)
+    return terms[_NETWORKS] + max(terms[_TRAINING], terms[_EVALUATION])
+
+
+def _check_memory(cfg: FitConfig) -> None:
+    """Refuse a config whose networks and buffers cannot fit in this machine."""
+    values = dataclasses.asdict(cfg)
+    values["hidden"] = cfg.hidden
+    need = _memory_needed(values)
+    limit = machine_memory(need, cfg.device)
+    if need <= limit:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    saved = {}
+    for name in _MEMORY_FLAGS:
+        smaller = dict(values)
+        if name == "hidden":
+            smaller["hidden"] = tuple(min(w, 400) for w in cfg.hidden)
+        else:
+            smaller[name] = min(values[name], defaults[name])
+        saved[name] = need - _memory_needed(smaller)
+    flag = max(_MEMORY_FLAGS, key=lambda name: saved[name])
+    terms = _memory_terms(values)
+    what = max(terms, key=terms.get)
+    value = ",".join(map(str, cfg.hidden)) if flag == "hidden" else values[flag]
+    raise ConfigError(
+        f"this run needs about {format_bytes(need)} of memory (most of it for "
+        f"{what}), more than the {format_bytes(limit)} this machine has; lower "
+        f"--{flag.replace('_', '-')} (now {value})"
+    )
+
+
+def format_bytes(n: float) -> str:
+    """``12 GB``, ``3.4 GB``, ``120 MB``: a size for a message."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6)):
+        if n >= size:
+            return (
+                f"{n / size:,.0f} {unit}"
+                if n >= 10 * size
+                else f"{n / size:.1f} {unit}"
+            )
+    return f"{n / 1e3:.1f} kB"
+
+
+def machine_memory(need: int = 0, device: str = "auto") -> int:
+    """Bytes of the largest memory of this machine that ``device`` may use: its RAM,
+    or a CUDA device's when that is larger. CUDA is asked only when ``need`` exceeds
+    the RAM, so that a check that passes never initializes it."""
+    host = _host_memory()
+    if need <= host or device == "cpu":
+        return host
+    return max(host, _gpu_memory())
+
+
+def _host_memory() -> int:
+    """Bytes of RAM of this machine (no limit where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return _MAX_INT
+
+
+def _gpu_memory() -> int:
+    """Bytes of the largest CUDA device; 0 without one (initializes CUDA)."""
+    if not torch.cuda.is_available():
+        return 0
+    return max(
+        torch.cuda.get_device_properties(i).total_memory
+        for i in range(torch.cuda.device_count())
+    )
+
+
+def memory_free(device: torch.device | str = "cpu") -> int:
+    """Bytes that ``device`` can still give: MemAvailable for the CPU (Linux), the
+    free memory of a CUDA device; no limit for other devices or systems."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return _MAX_INT
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return _host_memory()
+
+
+def refuse_if_too_big(
+    need: int, device: torch.device | str, what: str, lower: str
+) -> None:
+    """A :class:`ConfigError` "``what`` needs about X GB ...; lower ``lower``" when
+    ``need`` bytes are more than ``device`` has free."""
+    free = memory_free(device)
+    if need > free:
+        raise ConfigError(
+            f"{what} needs about {format_bytes(need)} of memory, more than the "
+            f"{format_bytes(free)} free on {torch.device(device)}; lower {lower}"
+        )
+
+
+_OOM = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
+@contextlib.contextmanager
+def memory_guard(need: int, what: str, lower: str) -> Iterator[None]:
+    """Turn an allocation failure inside the block into a :class:`ConfigError`
+    saying that ``what`` needs about ``need`` bytes and to lower ``lower``."""
+    try:
+        yield
+    except (*_OOM, RuntimeError) as err:
+        text = str(err).lower()
+        if not isinstance(err, _OOM) and not (
+            "memory" in text and ("allocate" in text or "out of" in text)
+        ):
+            raise
+        raise ConfigError(
+            f"{what} needs about {format_bytes(need)} of memory, and the allocation "
+            f"failed ({str(err).splitlines()[0][:120]}); lower {lower}"
+        ) from None

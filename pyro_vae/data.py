@@ -15,6 +15,7 @@ Binarization (needed by the Bernoulli likelihood):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -146,13 +147,24 @@ def _scale_to_unit(t: torch.Tensor, what: str) -> torch.Tensor:
             "[0, 255] or 0/1 values. Rescale to floats in [0, 1] first."
         )
     if lo < 0 or hi > 1:
-        looks_8bit = lo >= 0 and hi <= 255
-        hint = " (it looks like 8-bit data: divide by 255)" if looks_8bit else ""
         raise DataError(
-            f"{what} has values in [{lo:.4g}, {hi:.4g}], outside [0, 1]{hint}. "
-            "Scale the data to [0, 1] before training."
+            f"{what} has values in [{lo:.4g}, {hi:.4g}], outside [0, 1]"
+            f"{_scale_hint(lo, hi)}. Scale the data to [0, 1] before training."
         )
     return t
+
+
+def _scale_hint(lo: float, hi: float) -> str:
+    """What to divide float data found in [lo, hi] by, in words."""
+    if lo < 0:
+        return " (shift and scale them, e.g. (x - x.min()) / (x.max() - x.min()))"
+    if 128 < hi <= 255:
+        return " (it looks like 8-bit data: divide by 255)"
+    top = math.ceil(hi)
+    return (
+        f" (the largest value is {hi:.4g}: divide by the top of the scale they were "
+        f"recorded on, e.g. x / {top:g} for values from 0 to {top:g})"
+    )
 
 
 def split_train_valid(

@@ -6,6 +6,12 @@ epoch, with the test log p̂(x) when evaluated), ``latent.png`` (E_q[z|x] of tes
 coloured by label: PCA when d > 2), ``manifold.png`` (only for d = 2: a grid of prior
 quantiles decoded), ``denoising.png`` and ``interpolation.png``. The evaluation adds
 ``iwae_vs_k.png`` and ``khat.png`` (:mod:`pyro_vae.evaluate.report`).
+
+Flat data ``(N, D)`` are drawn as squares when D is a square number, else as strips
+of D pixels (:func:`pyro_vae.plots.image_grid`). Each figure is drawn on its own: one
+that cannot be drawn (interpolation with a single test datum, the principal
+components of a latent scatter with fewer than three) or that fails is skipped, any
+older copy of it is removed, and a note says why; the others are drawn all the same.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from pyro_vae import plots
 from pyro_vae.data import Splits
 from pyro_vae.generate import (
+    _samples_without_data,
     decode,
     encode_mean,
     interpolate,
@@ -58,51 +65,102 @@ def save_figures(
     history: list[EpochStats],
     log_px: tuple[float, float] | None = None,
     seed: int = 0,
+    notes: list[str] | None = None,
 ) -> list[Path]:
-    """Draw every figure of the module docstring into ``out / "figures"``."""
+    """Draw every figure of the module docstring into ``out / "figures"``.
+
+    Returns the figures drawn; ``notes`` (a list) gets one line per figure skipped
+    or failed, e.g. ``"interpolation.png not drawn: it needs two test data"``.
+    """
     figures, shape = out / "figures", splits.image_shape
     x = splits.test[:N_PICTURES]
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    drawn = [
-        plots.plot_reconstructions(
-            x, reconstruct(model, guide, x), shape, figures / "reconstructions.png"
-        ),
-        plots.plot_samples(sample_prior(model, x), shape, figures / "samples.png"),
-        plots.plot_elbo(
+    drawn: list[Path] = []
+    skipped = [] if notes is None else notes
+
+    def draw(name: str, make: Callable[[Path], Path], needs: str | None = None) -> None:
+        path = figures / f"{name}.png"
+        try:
+            if needs is not None:
+                raise _Skip(needs)
+            drawn.append(make(path))
+        except _Skip as why:
+            path.unlink(missing_ok=True)  # an older run's figure would mislead
+            skipped.append(f"{path.name} not drawn: {why}")
+        except Exception as err:  # one figure never costs the others, or the run
+            path.unlink(missing_ok=True)
+            first = (str(err).strip().splitlines() or [""])[0]
+            skipped.append(
+                f"{path.name} not drawn: it failed ({type(err).__name__}: {first})"
+            )
+
+    draw(
+        "reconstructions",
+        lambda p: plots.plot_reconstructions(x, reconstruct(model, guide, x), shape, p),
+    )
+    draw("samples", lambda p: plots.plot_samples(_prior_means(model, x), shape, p))
+    draw(
+        "elbo",
+        lambda p: plots.plot_elbo(
             [h.epoch for h in history],
             [h.train_elbo for h in history],
             [h.valid_elbo for h in history],
-            figures / "elbo.png",
+            p,
             log_px=log_px,
         ),
-        plots.plot_latent_scatter(
-            encode_mean(guide, splits.test),
-            splits.test_labels,
-            figures / "latent.png",
-        ),
-    ]
-    noisy, how = add_noise(x[:16], gen)
-    drawn.append(
-        plots.plot_denoising(
-            x[:16],
-            noisy,
-            reconstruct(model, guide, noisy),
-            shape,
-            figures / "denoising.png",
-            noise=how,
-        )
+        needs=None if history else "no training history (history.csv is empty)",
     )
-    pairs = interpolate(model, guide, x[:4], x[4:8], steps=8)
-    drawn.append(plots.plot_interpolation(pairs, shape, figures / "interpolation.png"))
     z_dim = encode_mean(guide, x[:1]).shape[-1]
+    draw(
+        "latent",
+        lambda p: plots.plot_latent_scatter(
+            encode_mean(guide, splits.test), splits.test_labels, p
+        ),
+        needs=None  # two principal components of d > 2 need three points
+        if len(splits.test) >= 3 or z_dim <= 2
+        else f"it needs at least 3 test data, the test split has {len(splits.test)}",
+    )
+
+    def denoising(path: Path) -> Path:
+        noisy, how = add_noise(x[:16], gen)
+        rec = reconstruct(model, guide, noisy)
+        return plots.plot_denoising(x[:16], noisy, rec, shape, path, noise=how)
+
+    draw("denoising", denoising)
+    pairs = min(4, len(x) // 2)
+    draw(
+        "interpolation",
+        lambda p: plots.plot_interpolation(
+            interpolate(model, guide, x[:pairs], x[pairs : 2 * pairs], steps=8),
+            shape,
+            p,
+        ),
+        needs=None
+        if pairs
+        else f"it needs two test data, the test split has {len(splits.test)}",
+    )
     if z_dim == 2:
-        q = torch.linspace(0.05, 0.95, MANIFOLD_SIDE).to(x)
-        values = torch.distributions.Normal(0.0, 1.0).icdf(q)
-        z1, z2 = torch.meshgrid(values, values.flip(0), indexing="xy")
-        grid = torch.stack([z1.flatten(), z2.flatten()], dim=-1)
-        drawn.append(
-            plots.plot_manifold(
-                decode(model, grid, splits.data_dim), shape, figures / "manifold.png"
+
+        def manifold(path: Path) -> Path:
+            q = torch.linspace(0.05, 0.95, MANIFOLD_SIDE).to(x)
+            values = torch.distributions.Normal(0.0, 1.0).icdf(q)
+            z1, z2 = torch.meshgrid(values, values.flip(0), indexing="xy")
+            grid = torch.stack([z1.flatten(), z2.flatten()], dim=-1)
+            return plots.plot_manifold(
+                decode(model, grid, splits.data_dim), shape, path
             )
-        )
+
+        draw("manifold", manifold)
     return drawn
+
+
+class _Skip(Exception):
+    """A figure that cannot be drawn from these data; its message says why."""
+
+
+def _prior_means(model: Callable, x: torch.Tensor) -> torch.Tensor:
+    """E[x|z] for N_PICTURES draws z ~ p(z), however few test data there are (a
+    model that cannot sample without data gets one draw per test datum)."""
+    if len(x) < N_PICTURES and _samples_without_data(model):
+        return sample_prior(model, N_PICTURES)
+    return sample_prior(model, x)

@@ -13,7 +13,13 @@ this process was not started by ``torchrun``, it starts ``torchrun`` with the sa
 arguments and waits (:func:`pyro_vae.distributed.launch`).
 """
 
+# ruff: noqa: E402 - the signal handlers come before torch's imports (below)
 from __future__ import annotations
+
+if __name__ == "__main__":  # Ctrl-C while torch imports: one line, not a traceback
+    from pyro_vae import signals as _signals
+
+    _signals.install("while starting (importing torch)")
 
 import argparse
 import dataclasses
@@ -24,11 +30,10 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import distributed, rundir
-from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae import distributed, rundir, signals
 from pyro_vae.config import FitConfig, resolve_device
 from pyro_vae.data import BINARIZATIONS
-from pyro_vae.errors import ConfigError, PyroVAEError
+from pyro_vae.errors import CommandParser, ConfigError, PyroVAEError
 from pyro_vae.guides import ENCODERS
 from pyro_vae.losses import LOSSES
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
@@ -70,7 +75,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     With ``defaults=False`` flags that are not given are left out of the result,
     which tells a resumed run which settings the user asked to change.
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m pyro_vae.fit",
         description="Train a VAE written in Pyro. ELBOs are reported in nats per "
         "datum, higher is better (Pyro's loss is the negative ELBO).",
@@ -164,28 +169,56 @@ def parse_command(
                 f"{flags} cannot change when resuming: the run keeps its config. "
                 "Start a new run (--out) to change them."
             )
-        stored = load_checkpoint(Path(resume) / "checkpoint.pt")["config"]
-        return dataclasses.replace(FitConfig.from_dict(stored), **given), resume
-    except PyroVAEError as err:
-        parser.error(str(err))
-        raise  # unreachable: parser.error exits
+        checkpoint = Path(resume) / "checkpoint.pt"
+        # a run killed before its first checkpoint continues from its config.json
+        stored = rundir.resume_config(resume)
+        source = (
+            f"the config stored in {checkpoint}"
+            if checkpoint.exists()
+            else f"{Path(resume) / 'config.json'}"
+        )
+        return dataclasses.replace(FitConfig.from_dict(stored, source), **given), resume
+    except PyroVAEError as err:  # a bad value: one line, no usage block
+        parser.fail(str(err))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status instead of raising."""
+    """Run the CLI; returns the exit status instead of raising.
+
+    SIGINT and SIGTERM stop it anywhere with one line and the status 130 or 143:
+    training stops after the current step and writes its checkpoint
+    (:mod:`pyro_vae.session`); at start-up and at the end of the run the process
+    stops at once (:mod:`pyro_vae.signals`), naming the resume command when the run
+    has a checkpoint.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    with signals.handled():
+        try:
+            return _main(argv)
+        except signals.Stopped as stop:
+            return signals.report(stop)
+        except KeyboardInterrupt:  # a SIGINT that reached Python's own handler
+            return signals.report(signals.Stopped(signal.SIGINT))
+
+
+def _main(argv: list[str]) -> int:
     try:
         cfg, resume = parse_command(argv)
+    except signals.Stopped:
+        raise
     except SystemExit as stop:  # --help, or a flag argparse rejected
         return int(stop.code or 0)
     if distributed.needs_launch(cfg.devices, cfg.num_nodes):
         return _launch(argv, cfg, resume)
     try:
-        run(cfg, resume)
+        with signals.phase("while starting", run_dir=resume):
+            run(cfg, resume)
     except Interrupted as stop:
+        signals.mark_reported()
         print(f"interrupted: {stop}", file=sys.stderr)
         return stop.status
     except PyroVAEError as err:
+        signals.mark_reported()
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
@@ -232,7 +265,9 @@ def _launch(argv: list[str], cfg: FitConfig, resume: str | None) -> int:
 
 def cli() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    status = main()
+    signals.ignore()  # decided: a signal while Python shuts down does not change it
+    sys.exit(status)
 
 
 if __name__ == "__main__":

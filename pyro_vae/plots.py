@@ -7,6 +7,8 @@ does not switch off inline figures.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "image_grid",
+    "picture_shape",
     "plot_denoising",
     "plot_interpolation",
     "plot_latent_scatter",
@@ -28,17 +31,31 @@ __all__ = [
 ]
 
 
+def picture_shape(image_shape: Sequence[int]) -> tuple[int, int]:
+    """(H, W) to draw a datum of ``image_shape`` in: its own last two sides; for flat
+    data ``(D,)`` a square when D is a square number, else a strip ``(1, D)``."""
+    if len(image_shape) >= 2:
+        return int(image_shape[-2]), int(image_shape[-1])
+    d = int(math.prod(image_shape))
+    side = math.isqrt(d)
+    return (side, side) if side * side == d else (1, d)
+
+
 def image_grid(
     x: torch.Tensor, image_shape: Sequence[int], cols: int = 8
 ) -> np.ndarray:
-    """Tile ``(N, D)`` images into one ``(rows * H, cols * W)`` array in [0, 1]."""
-    h, w = image_shape[-2:]
+    """Tile ``(N, D)`` images into one ``(rows * H, cols * W)`` array in [0, 1].
+
+    Flat data ``(D,)`` are drawn by :func:`picture_shape`: squares, or strips one
+    pixel high stacked without a gutter between rows, like a heat map."""
+    h, w = picture_shape(image_shape)
     imgs = x.detach().float().cpu().reshape(len(x), -1, h, w).mean(dim=1).numpy()
     rows = -(-len(imgs) // cols)
-    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), 0.5)  # grey gutters
+    gap = 0 if h == 1 else 1
+    grid = np.full((rows * (h + gap) - gap, cols * (w + 1) - 1), 0.5)  # grey gutters
     for i, img in enumerate(imgs):
         r, c = divmod(i, cols)
-        grid[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = img
+        grid[r * (h + gap) : r * (h + gap) + h, c * (w + 1) : c * (w + 1) + w] = img
     return grid
 
 
@@ -47,10 +64,34 @@ def _subplots(*grid: int, figsize: tuple[float, float]) -> tuple[Figure, object]
     return fig, fig.subplots(*grid)
 
 
+def _show(
+    ax: object,
+    x: torch.Tensor,
+    image_shape: Sequence[int],
+    cols: int = 8,
+    fixed_cols: bool = False,
+) -> None:
+    """Draw ``x`` as a grid of pictures. Strips of flat data go one datum per row
+    (unless ``fixed_cols``: the columns mean something) and stretch to be seen."""
+    if picture_shape(image_shape)[0] == 1:
+        grid = image_grid(x, image_shape, cols=cols if fixed_cols else 1)
+        ax.imshow(
+            grid, cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="none"
+        )
+    else:
+        ax.imshow(image_grid(x, image_shape, cols=cols), cmap="gray", vmin=0, vmax=1)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Write the figure atomically: a stop while saving leaves no half-written PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix[1:] or "png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -62,7 +103,7 @@ def plot_reconstructions(
     for ax, data, title in zip(
         axes, (x, x_rec), ("input x", "reconstruction E[x|z]"), strict=True
     ):
-        ax.imshow(image_grid(data, image_shape), cmap="gray", vmin=0, vmax=1)
+        _show(ax, data, image_shape)
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle("Reconstructions, z ~ q(z|x)")
@@ -72,7 +113,7 @@ def plot_reconstructions(
 def plot_samples(x: torch.Tensor, image_shape: Sequence[int], path: str | Path) -> Path:
     """Means of p(x|z) for draws z ~ p(z)."""
     fig, ax = _subplots(figsize=(4.4, 4.4))
-    ax.imshow(image_grid(x, image_shape), cmap="gray", vmin=0, vmax=1)
+    _show(ax, x, image_shape)
     ax.set_title("Prior samples E[x|z], z ~ p(z)")
     ax.axis("off")
     return _save(fig, path)
@@ -158,7 +199,7 @@ def plot_manifold(
     """
     n = int(round(len(grid) ** 0.5))
     fig, ax = _subplots(figsize=(6.5, 6.5))
-    ax.imshow(image_grid(grid, image_shape, cols=n), cmap="gray", vmin=0, vmax=1)
+    _show(ax, grid, image_shape, cols=n, fixed_cols=True)
     ax.set_title(
         f"2-D latent manifold: E[x|z] on a {n} x {n} grid of N(0, 1) quantiles"
     )
@@ -190,6 +231,8 @@ def plot_latent_scatter(
             TSNE(init="pca", random_state=0).fit_transform(z),
             ("t-SNE 1", "t-SNE 2"),
         )
+    elif not np.ptp(z, axis=0).any():  # one point: no component to find
+        xy, axes = z[:, :2], ("z1", "z2 (every code is the same point)")
     else:
         from sklearn.decomposition import PCA
 
@@ -224,7 +267,7 @@ def plot_denoising(
         "reconstruction of the noisy x",
     )
     for ax, data, title in zip(axes, (x_clean, x_noisy, x_rec), titles, strict=True):
-        ax.imshow(image_grid(data, image_shape, cols=4), cmap="gray", vmin=0, vmax=1)
+        _show(ax, data, image_shape, cols=4)
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle("Denoising: E[x|z] with z ~ q(z | noisy x)")
@@ -237,12 +280,7 @@ def plot_interpolation(
     """Rows of decoded straight lines in z between two data: ``(rows, steps, D)``."""
     rows, steps, _ = paths.shape
     fig, ax = _subplots(figsize=(1.0 * steps, 1.1 * rows + 0.6))
-    ax.imshow(
-        image_grid(paths.reshape(rows * steps, -1), image_shape, cols=steps),
-        cmap="gray",
-        vmin=0,
-        vmax=1,
-    )
+    _show(ax, paths.reshape(rows * steps, -1), image_shape, cols=steps, fixed_cols=True)
     ax.set_title("Interpolation: E[x|z] along z = (1 - t) E_q[z|x_a] + t E_q[z|x_b]")
     ax.set_xlabel("t: 0 (x_a) → 1 (x_b)")
     ax.set_xticks([]), ax.set_yticks([])

@@ -9,10 +9,11 @@ alone (``config.json``, ``metrics.json``, ``evaluation.json`` when present,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pyro_vae.errors import PyroVAEError
@@ -33,28 +34,69 @@ FIGURE_ORDER = (
 
 
 def _read(path: Path) -> dict:
+    """The JSON object in ``path``; {} when it is missing. One-line errors."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PyroVAEError(
             f"{path} is not valid JSON ({err}); re-run the step that wrote it"
         ) from None
+    except OSError as err:  # a directory, no permission
+        raise PyroVAEError(
+            f"cannot read {path} ({type(err).__name__}: {err.strerror or err})"
+        ) from None
+    if not isinstance(data, dict):
+        raise PyroVAEError(
+            f"{path} holds a JSON {type(data).__name__}, not an object of named "
+            "values; re-run the step that wrote it"
+        )
+    return data
 
 
 def _fmt(value: object, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r} is not a number")
+    return f"{value:.{digits}f}"
 
 
-def _metrics_rows(metrics: dict, evaluation: dict) -> list[str]:
+def _rows(path: Path, make: Callable[[], list[str]]) -> list[str]:
+    """``make()``, or a one-line error naming ``path`` when its values are garbled."""
+    try:
+        return make()
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        what = f"no {err}" if isinstance(err, KeyError) else str(err)
+        raise PyroVAEError(
+            f"{path} is malformed ({what}); re-run the step that wrote it"
+        ) from None
+
+
+def _metrics_rows(metrics: dict, evaluation: dict, run_dir: Path) -> list[str]:
     rows = ["| quantity | value | notes |", "|---|---|---|"]
+    rows += _rows(run_dir / "metrics.json", lambda: _elbo_rows(metrics))
+    rows += _rows(run_dir / "evaluation.json", lambda: _evaluation_rows(evaluation))
+    latents_file = "evaluation.json" if evaluation.get("latents") else "metrics.json"
+    latents = evaluation.get("latents") or metrics.get("test_latents")
+    rows += _rows(run_dir / latents_file, lambda: _latent_rows(latents))
+    return rows
+
+
+def _elbo_rows(metrics: dict) -> list[str]:
+    rows = []
     for split in ("train", "valid", "test"):
         if f"{split}_elbo" in metrics:
             rows.append(
                 f"| ELBO, {split} | {_fmt(metrics[f'{split}_elbo'])} | "
                 f"{metrics.get('estimator', '')} |"
             )
+    return rows
+
+
+def _evaluation_rows(evaluation: dict) -> list[str]:
+    rows = []
     if evaluation:
         lp, gap, khat = evaluation["log_px"], evaluation["gap"], evaluation["khat"]
         rows += [
@@ -70,11 +112,16 @@ def _metrics_rows(metrics: dict, evaluation: dict) -> list[str]:
         for k, v in evaluation["iwae"].items():
             if 1 < int(k) < evaluation["k"]:
                 rows.append(f"| IWAE_{k} | {_fmt(v['mean'])} ± {_fmt(v['se'])} | |")
-    latents = evaluation.get("latents") or metrics.get("test_latents")
+    return rows
+
+
+def _latent_rows(latents: dict | None) -> list[str]:
+    rows = []
     if latents:
+        active = latents["active_units"]
         rows += [
-            f"| active units | {latents['active_units']} of {latents['latent_dim']} | "
-            "Cov_x E_q[z_d] > 0.01 |",
+            f"| active units | {'–' if active is None else active} of "
+            f"{latents['latent_dim']} | Cov_x E_q[z_d] > 0.01 |",
             f"| MMD²(q(z), p(z)) | {_fmt(latents['mmd'], 4)} | RBF kernel, c = 2d |",
             f"| log det Cov[q(z)] | {_fmt(latents['log_det_cov'])} | 0 for N(0, I) |",
             f"| I(x; z) | {_fmt(latents['mutual_information'])} | nats, at most "
@@ -105,16 +152,29 @@ def build_report(run_dir: str | os.PathLike) -> Path:
         f"{config.get('arch', 'mlp')} networks · latent {config.get('latent_dim')} · "
         f"loss {config.get('loss', 'elbo')}",
         "",
-        f"Binarization: {metrics.get('binarization', 'n/a')}. Wall time "
-        f"{_fmt(metrics.get('wall_seconds'), 1)} s on {metrics.get('device', 'n/a')}.",
+        *_rows(
+            run_dir / "metrics.json",
+            lambda: [
+                f"Binarization: {metrics.get('binarization', 'n/a')}. Wall time "
+                f"{_fmt(metrics.get('wall_seconds'), 1)} s on "
+                f"{metrics.get('device', 'n/a')}."
+            ],
+        ),
         "",
         f"## Metrics ({units})",
         "",
-        *_metrics_rows(metrics, evaluation),
-        "",
-        "## Figures",
+        *_metrics_rows(metrics, evaluation, run_dir),
         "",
     ]
+    notes = metrics.get("notes") or []
+    if not isinstance(notes, list):
+        raise PyroVAEError(
+            f"{run_dir / 'metrics.json'} is malformed (its notes are not a list); "
+            "re-run the step that wrote it"
+        )
+    if notes:  # what the end of the run skipped or could not do, and why
+        lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
+    lines += ["## Figures", ""]
     for name, caption in FIGURE_ORDER:
         if (run_dir / "figures" / f"{name}.png").is_file():
             lines += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
@@ -128,8 +188,16 @@ def build_report(run_dir: str | os.PathLike) -> Path:
     ]
     path = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise PyroVAEError(
+            f"cannot write {path} ({type(err).__name__}: {err.strerror or err}); "
+            "make the run directory writable, or copy it somewhere writable"
+        ) from None
     return path
 
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pyro
 import torch
@@ -40,7 +42,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
-from pyro_vae import distributed, rundir
+from pyro_vae import distributed, rundir, runlock
 from pyro_vae.build import build_model_and_guide
 from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.config import FitConfig, resolve_device
@@ -48,7 +50,7 @@ from pyro_vae.data import Splits
 from pyro_vae.distributed import DistContext, DistributedError
 from pyro_vae.errors import ConfigError, PyroVAEError
 from pyro_vae.finish import finish_run
-from pyro_vae.loading import load_run_data
+from pyro_vae.loading import load_run_data, state_mismatch
 from pyro_vae.losses import make_objective
 from pyro_vae.preflight import check_closed_form_kl, check_support
 from pyro_vae.resume import restore_rng, snapshot
@@ -64,6 +66,7 @@ from pyro_vae.train import (
 __all__ = ["Interrupted", "run"]
 
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+T = TypeVar("T")
 
 
 class Interrupted(PyroVAEError):
@@ -95,6 +98,7 @@ def _stop_on_signals() -> Iterator[list[int]]:
             signal.signal(sig, old)
 
 
+@runlock.scoped  # the run directory stays locked until this returns or raises
 def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
     """Train the VAE ``cfg`` describes, or continue ``resume``; write its files.
 
@@ -150,6 +154,11 @@ def _setup_and_train(
     """Data, parts, run directory or checkpoint, then training; on every process."""
     main = ctx is None or ctx.is_main
     binarize = cfg.resolved_binarize()
+    if resume is None:  # so that evaluate and --resume find the data from anywhere
+        cfg = rundir.absolute_paths(cfg)
+    else:
+        rundir.check_relative_data(cfg, resume)
+        cfg = _named_where_it_is(cfg, Path(resume))
     splits = load_run_data(cfg, device)
     if cfg.batch_size > len(splits.train):
         raise ConfigError(
@@ -164,15 +173,14 @@ def _setup_and_train(
     optimizer = make_optimizer(torch.nn.ModuleList([model, guide]).parameters(), cfg.lr)
     if ctx is not None:
         ctx.local_batch_size(cfg.batch_size)  # refuse an uneven split up front
-    if resume is None:
+    out = None if resume is None else Path(resume)
+    if out is not None:  # one writer: lock it before reading what to continue
+        _on_main(ctx, lambda: rundir.claim(out, "fit"), "locking the run directory")
+    if out is None or _never_saved(out):  # a new run, or one that starts over
         state = snapshot(model, guide, optimizer, 0, 0)
-        if ctx is None:
-            out = rundir.create(cfg)
-        else:
-            out = ctx.main_only(lambda: rundir.create(cfg), "creating the run dir")
+        out = _on_main(ctx, lambda: rundir.create(cfg, out), "creating the run dir")
     else:
-        out = Path(resume)
-        state = _restore(out, model, guide, optimizer, cfg, rewrite=main)
+        state = _restore(out, model, guide, optimizer, cfg, rewrite=main, splits=splits)
         if main:
             (out / "config.json").write_text(cfg.to_json() + "\n")
     if ctx is not None:  # independent draws per process from here on
@@ -183,6 +191,23 @@ def _setup_and_train(
     return cfg, (model, guide, splits, out, history)
 
 
+def _on_main(ctx: DistContext | None, fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on the process that writes the run directory; its result on all."""
+    return fn() if ctx is None else ctx.main_only(fn, what)
+
+
+def _never_saved(out: Path) -> bool:
+    """A run stopped before its first checkpoint: resuming starts it over."""
+    return not (out / "checkpoint.pt").exists() and (out / "config.json").is_file()
+
+
+def _named_where_it_is(cfg: FitConfig, out: Path) -> FitConfig:
+    """A resumed run's config names the directory it is in now (it may have moved)."""
+    if cfg.out is not None and os.path.realpath(cfg.out) == os.path.realpath(out):
+        return cfg
+    return dataclasses.replace(cfg, out=str(out))
+
+
 def _restore(
     out: Path,
     model: Module,
@@ -190,13 +215,33 @@ def _restore(
     optimizer: Optimizer,
     cfg: FitConfig,
     rewrite: bool = True,
+    splits: Splits | None = None,
 ) -> dict:
     """Load the checkpoint of ``out`` into the parts; return its snapshot.
 
-    ``rewrite``: cut ``history.csv`` back to the checkpoint's epoch (rank 0 does;
-    the other processes of a distributed run need only the checkpoint).
+    ``rewrite``: check ``config.json`` and ``history.csv`` against the checkpoint and
+    cut the history back to its epoch (rank 0 does; the other processes of a
+    distributed run need only the checkpoint). ``splits``: the data, checked against
+    those the checkpoint was trained on.
     """
-    payload = load_checkpoint(out / "checkpoint.pt")
+    checkpoint = out / "checkpoint.pt"
+    payload = load_checkpoint(checkpoint)
+    done = payload.get("epoch")
+    if isinstance(done, int) and done > cfg.epochs:
+        raise ConfigError(
+            f"{out} has trained {done} epochs already; --epochs {cfg.epochs} cannot "
+            f"take them back. Resume with --epochs {done} or more, or start a new "
+            "run (--out)"
+        )
+    if splits is not None:
+        source = cfg.data_path or f"--dataset {cfg.dataset}"
+        rundir.check_same_data(checkpoint, payload, splits, source)
+    for part, name in ((model, "model"), (guide, "guide")):
+        problem = state_mismatch(part, payload.get(name), name)
+        if problem is not None:
+            raise ConfigError(
+                f"{out / 'checkpoint.pt'} does not fit this run's networks: {problem}"
+            )
     try:
         model.load_state_dict(payload["model"])
         guide.load_state_dict(payload["guide"])
@@ -210,14 +255,16 @@ def _restore(
             f"resume state ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
     if rewrite:
+        rundir.check_config_agrees(out, payload.get("config"))
         try:
             rows = rundir.read_history(out, payload["epoch"])
         except (OSError, KeyError, ValueError) as err:
             raise ConfigError(
                 f"{out / 'history.csv'} is missing or unreadable "
-                f"({type(err).__name__}); a run cannot resume without it: start a "
-                "new run (--out)"
+                f"({type(err).__name__}: {str(err).splitlines()[0]}); a run cannot "
+                "resume without it: start a new run (--out)"
             ) from None
+        rundir.check_history(out, rows, payload["epoch"], payload["step"])
         rundir.rewrite_history(out, rows)
     return {
         key: payload[key]
@@ -287,14 +334,15 @@ def _train_with_checkpoints(
             raise Interrupted(
                 f"{sig.name}: {stop}. Saved {path} at the end of "
                 f"epoch {last[0]['epoch']}; resume with: python -m pyro_vae.fit "
-                f"--resume {out}",
+                f"--resume {shlex.quote(str(out))}",
                 EXIT_STATUS[sig],
             ) from None
         except NonFiniteLossError as err:
             path = save()
             raise NonFiniteLossError(
                 f"{err} The last good state (end of epoch {last[0]['epoch']}) is in "
-                f"{path}; resume with --resume {out} --lr SMALLER, or --grad-clip."
+                f"{path}; resume with --resume {shlex.quote(str(out))} --lr SMALLER, "
+                "or --grad-clip."
             ) from None
         except RuntimeError as err:  # DistributedError is a ValueError: not here
             lost = None if ctx is None else ctx.lost_contact(err, "training")
@@ -320,7 +368,8 @@ def _lost(
         else f"The last finished epoch ({epoch}) is saved in {path}"
     )
     return DistributedError(
-        f"{err}. {where}; resume with: python -m pyro_vae.fit --resume {out}"
+        f"{err}. {where}; resume with: python -m pyro_vae.fit --resume "
+        f"{shlex.quote(str(out))}"
     )
 
 

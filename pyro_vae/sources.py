@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import shutil
 import tempfile
@@ -117,16 +118,38 @@ def _npz(path: str | os.PathLike | None) -> tuple:
         raise DataError(
             "--dataset npz needs --data-path FILE.npz (with x_train, x_test)"
         )
+    save = "np.savez(path, x_train=..., x_test=...)"
+    if Path(path).is_dir():
+        raise DataError(
+            f"--data-path {path} is a directory; give the .npz file itself, written "
+            f"with {save}"
+        )
     try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
-            arrays = {key: f[key] for key in f.files}
+        with open(path, "rb") as fh:
+            loaded = np.load(fh, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise DataError(
+                    f"--data-path {path} holds a single array (a .npy file), not an "
+                    f".npz archive of named arrays; save the splits with {save}"
+                )
+            with loaded as f:
+                arrays = {key: f[key] for key in f.files}
     except FileNotFoundError:
         raise DataError(f"--data-path {path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except DataError:
+        raise
+    except ValueError as err:
+        if "Object arrays cannot be loaded" not in str(err):
+            raise _unreadable(path, err) from None
         raise DataError(
-            f"--data-path {path} is not a readable .npz file ({type(err).__name__}); "
-            "it may be truncated or corrupt. Write it again with np.savez."
+            f"--data-path {path} holds arrays of Python objects (dtype object), which "
+            "pyro_vae does not load: unpickling them could run code (allow_pickle is "
+            "off). Save plain numeric arrays instead, e.g. "
+            "np.savez(path, x_train=np.asarray(x_train, dtype=np.float32), "
+            "x_test=np.asarray(x_test, dtype=np.float32))"
         ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise _unreadable(path, err) from None
     missing = {"x_train", "x_test"} - set(arrays)
     if missing:
         raise DataError(
@@ -138,6 +161,13 @@ def _npz(path: str | os.PathLike | None) -> tuple:
         arrays.get("y_train"),
         arrays["x_test"],
         arrays.get("y_test"),
+    )
+
+
+def _unreadable(path: str | os.PathLike, err: Exception) -> DataError:
+    return DataError(
+        f"--data-path {path} is not a readable .npz file ({type(err).__name__}); "
+        "it may be truncated or corrupt. Write it again with np.savez."
     )
 
 
@@ -157,6 +187,7 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> tuple:
                 _missing_files_message(name, cls.__name__, data_dir)
                 + f"\nThe download failed: {str(err).splitlines()[0]}"
             ) from None
+    _check_idx_files(name, cls.__name__, data_dir, root)
     try:
         train = cls(root=str(root), train=True, download=False)
         test = cls(root=str(root), train=False, download=False)
@@ -172,6 +203,101 @@ def _torchvision(name: str, data_dir: Path, download: bool) -> tuple:
         test.data.numpy(),
         test.targets.numpy(),
     )
+
+
+#: IDX type codes (the third byte of the file)
+_IDX_TYPES = {
+    0x08: "unsigned bytes",
+    0x09: "signed bytes",
+    0x0B: "16-bit integers",
+    0x0C: "32-bit integers",
+    0x0D: "32-bit floats",
+    0x0E: "64-bit floats",
+}
+
+
+def _check_idx_files(name: str, class_name: str, data_dir: Path, root: Path) -> None:
+    """Check the headers and sizes of the four IDX files torchvision will read, and
+    name the file the user gave (not its unpacked copy) when one is wrong."""
+    raw = root / class_name / "raw"
+    sources = _idx_sources(class_name, data_dir)
+    counts = {}
+    for f in IDX_FILES:
+        source = sources.get(f, raw / f)
+        problem, count = _idx_problem(raw / f, 3 if "images" in f else 1)
+        if problem:
+            raise DataError(
+                f"{name}: the IDX files in {data_dir} are not valid: {source} "
+                f"{problem}; replace them with the original files."
+            )
+        counts[f] = count
+    for split in ("train", "t10k"):
+        images, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+        if counts[images] != counts[labels]:
+            raise DataError(
+                f"{name}: the IDX files in {data_dir} are not valid: "
+                f"{sources.get(images, raw / images)} holds {counts[images]} images "
+                f"but {sources.get(labels, raw / labels)} {counts[labels]} labels; "
+                "replace them with the original files."
+            )
+
+
+def _idx_problem(path: Path, ndim: int) -> tuple[str | None, int]:
+    """What is wrong with the IDX file at ``path`` in words, and its first size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * ndim)
+    except OSError as err:
+        return f"cannot be read ({type(err).__name__}: {err})", 0
+    if len(head) < 4:
+        return f"is {size} bytes long, too short for an IDX header (truncated?)", 0
+    if head[0] or head[1]:
+        return (
+            f"does not start with the IDX magic number (two zero bytes, a type code, "
+            f"the number of dimensions) but with {head[:4].hex()}: it is not an IDX "
+            "file",
+            0,
+        )
+    if head[2] != 0x08:
+        kind = _IDX_TYPES.get(head[2], "an unknown type")
+        return (
+            f"holds {kind} (type code 0x{head[2]:02X}); these files hold unsigned "
+            "bytes (0x08)",
+            0,
+        )
+    what = "an images file has 3 (N, H, W)" if ndim == 3 else "a labels file has 1"
+    if head[3] != ndim:
+        return f"has {head[3]} dimensions; {what}", 0
+    if len(head) < 4 + 4 * ndim:
+        return f"is {size} bytes long, too short for its header (truncated?)", 0
+    shape = tuple(
+        int.from_bytes(head[i : i + 4], "big") for i in range(4, len(head), 4)
+    )
+    data = size - len(head)
+    if data != math.prod(shape):
+        how = "is truncated" if data < math.prod(shape) else "is too long"
+        return (
+            f"{how}: its header says shape {shape}, {math.prod(shape)} bytes of data, "
+            f"and it holds {data}",
+            0,
+        )
+    return None, shape[0]
+
+
+def _idx_sources(class_name: str, data_dir: Path) -> dict[str, Path]:
+    """The user's file for each IDX file, looked for as :func:`_stage_idx_files`
+    does (torchvision's layout first, then ``.gz`` or plain files in data_dir)."""
+    native = data_dir / class_name / "raw"
+    if all((native / f).is_file() for f in IDX_FILES):
+        return {f: native / f for f in IDX_FILES}
+    sources = {}
+    for f in IDX_FILES:
+        candidates = [native / f"{f}.gz", data_dir / f, data_dir / f"{f}.gz"]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is not None:
+            sources[f] = hit
+    return sources
 
 
 def _stage_idx_files(class_name: str, data_dir: Path) -> Path | None:

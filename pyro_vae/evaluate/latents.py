@@ -5,11 +5,14 @@ pair that keeps the site contract. With z_n ~ q(z | x_n), one per datum:
 
 * ``mmd``: MMD²(q(z), p(z)) between the codes and as many prior draws (U-statistic,
   RBF kernel with c = 2d), on at most ``max_pairs`` data; 0 in expectation when the
-  aggregate posterior q(z) = E_x q(z|x) matches the prior.
+  aggregate posterior q(z) = E_x q(z|x) matches the prior. None for a single datum.
 * ``log_det_cov``: log det Cov[q(z)], the sample covariance of the codes; 0 for
   N(0, I). Far below 0 means q(z) is squeezed into a thin set (InfoVAE, section 5).
+  None when it is not finite, or with no more data than latent dimensions (the
+  sample covariance is then singular whatever q(z) is).
 * ``active_units``: the number of dimensions with Cov_x(E_q[z_d | x]) > 0.01
   (Burda et al., 2016, section 5.2), using the guide's exact mean where it has one.
+  None, with ``unit_variance``, for a single datum.
 * ``kl_per_dim``: E_x KL(q(z_d|x) || p(z_d)) for each dimension, when guide and prior
   both factorize over dimensions (``Independent`` of a univariate family with a
   registered KL); otherwise None.
@@ -74,22 +77,34 @@ def latent_diagnostics(
         m = min(max_pairs, len(x))
         small = poutine.trace(guide).get_trace(x[:m]).nodes[site]
         q_m, z_m = small["fn"], small["value"]
-    cov = torch.cov(z.double().T).reshape(z.shape[-1], z.shape[-1])
-    means = _posterior_means(q, guide, x, seed)
-    unit_var = means.double().var(dim=0)
+    d = z.shape[-1]
     kl_dims = _kl_per_dim(q, prior)
+    mmd = log_det = active = unit_var = None  # what too few data cannot tell
+    if len(x) >= 2:  # a variance, and the unbiased MMD, need two data
+        means = _posterior_means(q, guide, x, seed)
+        unit_var = means.double().var(dim=0)
+        active = int((unit_var > ACTIVE_UNIT_THRESHOLD).sum())
+        unit_var = unit_var.tolist()
+        mmd = mmd2(z[:m].double(), z_prior[:m].double(), Kernel("rbf", "dim")).item()
+    if len(x) > d:  # with n <= d codes the covariance is singular
+        cov = torch.cov(z.double().T).reshape(d, d)
+        log_det = _finite_or_none(torch.linalg.slogdet(cov).logabsdet.item())
     return {
         "n": len(x),
-        "mmd": mmd2(z[:m].double(), z_prior[:m].double(), Kernel("rbf", "dim")).item(),
-        "log_det_cov": torch.linalg.slogdet(cov).logabsdet.item(),
-        "active_units": int((unit_var > ACTIVE_UNIT_THRESHOLD).sum()),
-        "latent_dim": z.shape[-1],
-        "unit_variance": unit_var.tolist(),
+        "mmd": mmd,
+        "log_det_cov": log_det,
+        "active_units": active,
+        "latent_dim": d,
+        "unit_variance": unit_var,
         "kl_per_dim": None if kl_dims is None else kl_dims.tolist(),
         "mutual_information": _mutual_information(q_m, z_m, m),
         "mutual_information_max": math.log(m),
         "pairs": m,
     }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _posterior_means(

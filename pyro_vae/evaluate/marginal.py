@@ -82,6 +82,8 @@ import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
+from pyro_vae.config import refuse_if_too_big
+from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.evaluate.psis import KHAT_UNRELIABLE, psis_diagnostics
 from pyro_vae.evaluate.weights import log_weights
 
@@ -216,10 +218,31 @@ def log_marginal(
     Returns:
         A :class:`LogMarginal` of float64 per-datum values on the CPU.
     """
+    if not isinstance(k, int | np.integer) or isinstance(k, bool):
+        raise ConfigError(
+            f"K must be a whole number of importance samples (>= 2), got {k!r} of "
+            f"type {type(k).__name__}"
+        )
+    k = int(k)
     if k < 2:
-        raise ValueError(
+        raise ConfigError(
             f"K must be a positive number of importance samples, at least 2 (one "
             f"sample gives no Monte Carlo error), got {k}"
+        )
+    if not isinstance(data, torch.Tensor):
+        raise DataError(
+            f"data must be a torch.Tensor (N, D), got {type(data).__name__}; convert "
+            "it with torch.as_tensor(x, dtype=torch.float32)"
+        )
+    if data.ndim != 2:
+        raise DataError(
+            f"data must be (N, D), one datum per row, got shape {tuple(data.shape)}; "
+            "reshape it, e.g. x.reshape(len(x), -1), or x[None] for one datum"
+        )
+    if not data.is_floating_point():
+        raise DataError(
+            f"data must hold floats, got {data.dtype}; convert with x.float() (and "
+            "scale 8-bit data to [0, 1] first)"
         )
     bad_chunk = particle_chunk is not None and particle_chunk < 1
     if len(data) == 0 or data_chunk < 1 or bad_chunk:
@@ -227,6 +250,14 @@ def log_marginal(
             f"need data (got {len(data)} rows) and positive chunk sizes (data_chunk="
             f"{data_chunk}, particle_chunk={particle_chunk})"
         )
+    # the float64 (K, data chunk) buffer of log-weights is allocated whole
+    refuse_if_too_big(
+        8 * k * min(data_chunk, len(data)),
+        data.device,
+        f"log p(x) with K = {k} (a {k} x {min(data_chunk, len(data))} float64 "
+        "buffer of log-weights)",
+        "K (--k) or data_chunk",
+    )
     start = time.perf_counter()
     n_chunk = min(data_chunk, len(data))
     if particle_chunk is None:

@@ -104,10 +104,12 @@ def latents_line(lat: dict) -> str:
         if mi is None
         else f"{mi:.3f} nats (max {lat['mutual_information_max']:.2f})"
     )
-    return (
-        f"latents: MMD(q(z), p(z)) {lat['mmd']:.4f}; log det Cov q(z) "
-        f"{lat['log_det_cov']:.3f}; active units {lat['active_units']}/"
-        f"{lat['latent_dim']}; I(x; z) {mi_text}"
+    mmd, log_det, active = lat["mmd"], lat["log_det_cov"], lat["active_units"]
+    return (  # None: too few data to tell (pyro_vae.evaluate.latents)
+        f"latents: MMD(q(z), p(z)) {'n/a' if mmd is None else f'{mmd:.4f}'}; log "
+        f"det Cov q(z) {'n/a' if log_det is None else f'{log_det:.3f}'}; active "
+        f"units {'n/a' if active is None else active}/{lat['latent_dim']}; I(x; z) "
+        f"{mi_text}"
     )
 
 
