@@ -1,12 +1,12 @@
 """Data-parallel training throughput: one process against two, in the same run.
 
-The product's own loop, :func:`pyro_vae.train.train`, trains the default VAE (MLP
-784-400-10, Bernoulli likelihood, dynamic binarization, global batch 100) on
+The product's own loop, :func:`pyro_vae.training.loop.train`, trains the default VAE
+(MLP 784-400-10, Bernoulli likelihood, dynamic binarization, global batch 100) on
 Fashion-MNIST from ``/usr/share/datasets/fashion-mnist`` (``apt-get install
 dataset-fashion-mnist``), or on scikit-learn's digits when those files are absent, for
 ``--epochs`` epochs; the first is warm-up (tracing, the DDP set-up). Each setting runs
 in fresh processes; two processes are started by ``torchrun --standalone`` and train
-one model with DistributedDataParallel (``--devices 2`` in ``pyro_vae.fit``).
+one model with DistributedDataParallel (``--devices 2`` in ``pyro_vae.cli.fit``).
 
 Two rates, in training images per second, medians over the timed epochs:
 
@@ -56,11 +56,11 @@ def worker(args: argparse.Namespace) -> None:
     """One process of a setting: train, time, and (rank 0) write ``args.out``."""
     import pyro
 
-    from pyro_vae import distributed
-    from pyro_vae.build import build_model_and_guide
-    from pyro_vae.config import FitConfig, resolve_device
-    from pyro_vae.loading import load_run_data
-    from pyro_vae.train import make_elbo, train
+    from pyro_vae.cli.build import build_model_and_guide
+    from pyro_vae.cli.config import FitConfig, resolve_device
+    from pyro_vae.cli.loading import load_run_data
+    from pyro_vae.training import distributed
+    from pyro_vae.training.loop import make_elbo, train
 
     device = resolve_device(args.device)
     ctx = None

@@ -26,11 +26,11 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.data.sources import load_dataset
 from pyro_vae.evaluate.marginal import _chunk_statistics, iwae_grid, log_marginal
 from pyro_vae.evaluate.reference import mlp_vae_log_weights
-from pyro_vae.sources import load_dataset
 
 CASES = {
     # name: (dataset, latent_dim, hidden)

@@ -36,13 +36,13 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import binarize_splits
+from pyro_vae.data.sources import load_dataset
 from pyro_vae.errors import PyroVAEError
 from pyro_vae.evaluate import check_consistency, log_marginal
-from pyro_vae.sources import load_dataset
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.loop import make_elbo, train
 
 BURDA = {"hidden": (200, 200), "activation": "tanh"}
 SUITES = {

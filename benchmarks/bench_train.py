@@ -52,12 +52,12 @@ from pyro.infer import (
     TraceMeanField_ELBO,
 )
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import batches, binarize_splits
-from pyro_vae.sources import _stage_idx_files, load_dataset
-from pyro_vae.step import StepLoss, make_optimizer
-from pyro_vae.train import make_elbo, train
+from pyro_vae.data.sources import _stage_idx_files, load_dataset
+from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.step import StepLoss, make_optimizer
 
 LATENT = 50
 

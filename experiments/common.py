@@ -13,10 +13,10 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.losses import infovae_preset, make_kernel
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.loop import make_elbo, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -125,7 +125,7 @@ def add_model_flags(parser) -> None:  # noqa: ANN001
 def load(args):  # noqa: ANN001, ANN201
     """The dataset's splits, binarized as for a Bernoulli likelihood (dynamic)."""
     from pyro_vae.data import binarize_splits
-    from pyro_vae.sources import load_dataset
+    from pyro_vae.data.sources import load_dataset
 
     splits = load_dataset(args.dataset, data_dir=args.data_dir)
     return binarize_splits(splits, "dynamic")

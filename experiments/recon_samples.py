@@ -31,10 +31,10 @@ from common import (  # noqa: E402
     save_outputs,
 )
 
+from pyro_vae.cli.generate import reconstruct, sample_prior  # noqa: E402
+from pyro_vae.cli.plots import image_grid  # noqa: E402
 from pyro_vae.evaluate import check_consistency, log_marginal  # noqa: E402
 from pyro_vae.evaluate.latents import latent_diagnostics  # noqa: E402
-from pyro_vae.generate import reconstruct, sample_prior  # noqa: E402
-from pyro_vae.plots import image_grid  # noqa: E402
 
 N_SHOWN = 32
 

@@ -13,7 +13,7 @@ uses it on its pseudo-inputs). Networks are submodules. In code, the contract is
 :data:`GUIDES` maps a command-line name to ``factory(make_encoder, latent_dim,
 **options)``, where ``make_encoder(out_features)`` builds the encoder network (MLP or
 conv, see :data:`ENCODERS`) with the output width the guide asks for. Each factory
-names the options it takes and refuses others (:mod:`pyro_vae.parts`). The guides,
+names the options it takes and refuses others (:mod:`pyro_vae.cli.parts`). The guides,
 and whether torch has a closed-form KL from their q(z|x) to the standard-Normal
 prior ``Normal(0, 1).to_event(1)``:
 
@@ -60,7 +60,7 @@ def mlp_diagonal_guide(
     return DiagonalNormalGuide(encoder, latent_dim)
 
 
-#: the keywords the builder offers every guide factory (see :mod:`pyro_vae.parts`):
+#: the keywords the builder offers every guide factory (see :mod:`pyro_vae.cli.parts`):
 #: ``make_encoder(out_features)`` builds the encoder network of ``--arch``
 GUIDE_KEYWORDS = (
     "make_encoder",

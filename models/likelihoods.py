@@ -201,7 +201,8 @@ class DiscretizedLogisticLikelihood(AbstractLikelihood):
             )
 
 
-#: the keywords the builder offers every likelihood factory (see :mod:`pyro_vae.parts`)
+#: the keywords the builder offers every likelihood factory (see
+#: :mod:`pyro_vae.cli.parts`)
 LIKELIHOOD_KEYWORDS = ("data_dim", "latent_dim", "sigma", "sigma_floor")
 
 

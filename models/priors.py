@@ -315,7 +315,7 @@ def _check_dim(latent_dim: int) -> None:
         raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
 
 
-#: the keywords the builder offers every prior factory (see :mod:`pyro_vae.parts`):
+#: the keywords the builder offers every prior factory (see :mod:`pyro_vae.cli.parts`):
 #: ``posterior`` is the guide's x -> q(z|x), for the VampPrior
 PRIOR_KEYWORDS = (
     "latent_dim",

@@ -1,5 +1,5 @@
 """``python -m pyro_vae`` is ``python -m pyro_vae.fit``."""
 
-from pyro_vae.fit import cli
+from pyro_vae.cli.fit import cli
 
 cli()

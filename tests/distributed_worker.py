@@ -25,16 +25,16 @@ import sys
 import pyro
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import binarize_splits
-from pyro_vae.sources import load_dataset
+from pyro_vae.data.sources import load_dataset
 
 TINY = {"hidden": (64,), "latent_dim": 4}
 
 
 def _context():
-    from pyro_vae import distributed
+    from pyro_vae.training import distributed
 
     if not distributed.launched():
         return None
@@ -42,7 +42,7 @@ def _context():
 
 
 def _train(seed, epochs, ctx, batch_size=100, model_and_guide=None):
-    from pyro_vae.train import make_elbo, train
+    from pyro_vae.training.loop import make_elbo, train
 
     pyro.settings.set(module_local_params=True)
     pyro.set_rng_seed(seed)
@@ -76,7 +76,7 @@ def valid_elbos(seeds, epochs, ctx=None, batch_size=100):
 
 def _nan_on_rank_1(step):
     """From process 1's ``step``-th loss on, the loss is NaN (it still has a graph)."""
-    import pyro_vae.train as train_module
+    import pyro_vae.training.loop as train_module
 
     real_loss, calls = train_module._loss, [0]
 
@@ -94,7 +94,7 @@ def main(argv):
     if task == "fit":
         fault, rank, step, *fit_args = args
         if fault != "none" and int(os.environ["RANK"]) == int(rank):
-            import pyro_vae.train as train_module
+            import pyro_vae.training.loop as train_module
 
             real_loss, calls = train_module._loss, [0]
 
@@ -108,7 +108,7 @@ def main(argv):
                 return loss
 
             train_module._loss = faulty_loss
-        from pyro_vae.fit import main as fit_main
+        from pyro_vae.cli.fit import main as fit_main
 
         return fit_main(fit_args)
     ctx = _context()
@@ -122,7 +122,7 @@ def main(argv):
             }
             torch.save(state, os.path.join(args[0], f"rank{ctx.rank}.pt"))
         elif task == "nan-params":
-            from pyro_vae.train import NonFiniteLossError
+            from pyro_vae.training.loop import NonFiniteLossError
 
             _nan_on_rank_1(20)
             pyro.settings.set(module_local_params=True)

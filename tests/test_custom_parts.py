@@ -17,14 +17,10 @@ import pytest
 import torch
 
 import pyro_vae
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import FitConfig
-from pyro_vae.errors import ConfigError
-from pyro_vae.fit import main, parse_args
-from pyro_vae.guides import GUIDES, DiagonalNormalGuide
-from pyro_vae.models import LIKELIHOODS, PRIORS, GaussianLikelihood
-from pyro_vae.parts import (
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.fit import main, parse_args
+from pyro_vae.cli.parts import (
     KEYWORDS,
     OPTIONS,
     REGISTRIES,
@@ -32,6 +28,10 @@ from pyro_vae.parts import (
     register_likelihood,
     register_prior,
 )
+from pyro_vae.errors import ConfigError
+from pyro_vae.guides import GUIDES, DiagonalNormalGuide
+from pyro_vae.models import LIKELIHOODS, PRIORS, GaussianLikelihood
+from pyro_vae.training.checkpoint import load_checkpoint
 
 TINY = ["--hidden", "16", "--latent-dim", "2", "--quiet", "--eval-k", "0"]
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torchvision
 
+from pyro_vae.cli.fit import main
 from pyro_vae.data import (
     SPLIT_SEED,
     Splits,
@@ -26,10 +27,9 @@ from pyro_vae.data import (
     check_images,
     split_train_valid,
 )
+from pyro_vae.data.sources import DATASETS, IDX_FILES, load_dataset
 from pyro_vae.errors import DataError
-from pyro_vae.fit import main
 from pyro_vae.models import BernoulliLikelihood
-from pyro_vae.sources import DATASETS, IDX_FILES, load_dataset
 
 # --------------------------------------------------------------------------- helpers
 

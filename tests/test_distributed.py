@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae import distributed
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import FitConfig
-from pyro_vae.distributed import DistContext, DistributedError
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.fit import parse_command
 from pyro_vae.errors import ConfigError
-from pyro_vae.fit import parse_command
+from pyro_vae.training import distributed
+from pyro_vae.training.checkpoint import load_checkpoint
+from pyro_vae.training.distributed import DistContext, DistributedError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TIMEOUT = 150  # seconds for one launch: generous for a busy 2-core CI machine
@@ -92,7 +92,7 @@ def _clean(err):
     """No traceback and no warning in a process's stderr.
 
     But torch's own note that ``torch.jit.trace`` is deprecated, which the fast step
-    passes on as torch raised it (pyro_vae.step).
+    passes on as torch raised it (pyro_vae.training.step).
     """
     lines = err.splitlines()
     kept = [
@@ -314,7 +314,7 @@ def test_launch_command_and_multi_node_environment(monkeypatch):
 
 
 def test_several_nodes_need_one_named_run_directory(monkeypatch, capsys):
-    from pyro_vae.fit import main
+    from pyro_vae.cli.fit import main
 
     for name, value in {
         "MASTER_ADDR": "node0",
@@ -329,7 +329,7 @@ def test_several_nodes_need_one_named_run_directory(monkeypatch, capsys):
 
 
 def test_devices_may_change_on_resume(tmp_path):
-    from pyro_vae.fit import main
+    from pyro_vae.cli.fit import main
 
     out = tmp_path / "r"
     assert main([*TINY, "--epochs", "1", "--eval-k", "0", "--out", str(out)]) == 0

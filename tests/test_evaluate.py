@@ -19,8 +19,8 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.evaluate import (
     EstimatorConsistencyError,
     SiteContractError,

@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from pyro_vae.evaluate.__main__ import main as eval_main
-from pyro_vae.fit import main as fit_main
+from pyro_vae.cli.evaluate import main as eval_main
+from pyro_vae.cli.fit import main as fit_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAST = ["--k", "50", "--n", "20"]

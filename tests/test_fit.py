@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import FitConfig
-from pyro_vae.fit import main, parse_args
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.fit import main, parse_args
+from pyro_vae.training.checkpoint import load_checkpoint
 
 TINY = ["--epochs", "2", "--hidden", "32", "--latent-dim", "2", "--quiet"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

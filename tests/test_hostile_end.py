@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 
-import pyro_vae.finish as finish
-import pyro_vae.plots as plots
-from pyro_vae import signals
-from pyro_vae.fit import main
-from pyro_vae.report import main as report_main
+import pyro_vae.cli.finish as finish
+import pyro_vae.cli.plots as plots
+from pyro_vae.cli import signals
+from pyro_vae.cli.fit import main
+from pyro_vae.cli.report import main as report_main
 
 TINY = ["--hidden", "32", "--latent-dim", "3", "--quiet", "--eval-k", "20"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -309,7 +309,7 @@ def test_sigint_while_a_resume_starts_names_the_resume_command(tmp_path):
     proc.send_signal(signal.SIGINT)
     line = _one_line(proc, 130)
     # "SIGINT while starting", or training's own words if it began before the stop
-    # (a stop raised where C code swallows it is delivered again, pyro_vae.signals)
+    # (a stop raised where C code swallows it is delivered again, pyro_vae.cli.signals)
     assert "SIGINT while starting" in line or "SIGINT: " in line
     assert f"with: python -m pyro_vae.fit --resume {out}" in line
 

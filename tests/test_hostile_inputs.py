@@ -15,14 +15,15 @@ import pytest
 import torch
 
 import pyro_vae
-from pyro_vae.checkpoint import CheckpointError
-from pyro_vae.config import FitConfig, memory_guard
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.evaluate import main as eval_main
+from pyro_vae.cli.fit import main as fit_main
+from pyro_vae.cli.fit import parse_args
 from pyro_vae.data import check_images
+from pyro_vae.data.sources import IDX_FILES, load_dataset
 from pyro_vae.errors import ConfigError, DataError, PyroVAEError
-from pyro_vae.evaluate.__main__ import main as eval_main
-from pyro_vae.fit import main as fit_main
-from pyro_vae.fit import parse_args
-from pyro_vae.sources import IDX_FILES, load_dataset
+from pyro_vae.memory import memory_guard
+from pyro_vae.training.checkpoint import CheckpointError
 
 HUGE = str(10**13)
 FAST = ["--epochs", "1", "--quiet", "--eval-k", "0"]

@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae import rundir, runlock
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import FitConfig
-from pyro_vae.evaluate.__main__ import main as eval_main
-from pyro_vae.fit import main
-from pyro_vae.session import run
+from pyro_vae.cli import rundir, runlock
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.evaluate import main as eval_main
+from pyro_vae.cli.fit import main
+from pyro_vae.cli.run import run
+from pyro_vae.training.checkpoint import load_checkpoint
 
 TINY = ["--hidden", "32", "--latent-dim", "3", "--quiet", "--eval-k", "0"]
 
@@ -93,10 +93,8 @@ def test_a_run_killed_before_its_first_checkpoint_leads_somewhere(tmp_path, caps
     # ... --out may reuse it: the directory holds no checkpoint to lose ...
     reused = tmp_path / "reused"
     cfg = _never_checkpointed(reused)
-    command = rundir.restart_command(reused)
-    argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", "pyro_vae.fit"]
-    assert main(argv[3:]) == 0
+    flags = ["--hidden", "32", "--latent-dim", "3", "--quiet", "--eval-k", "0"]
+    assert main([*flags, "--epochs", "1", "--out", str(reused)]) == 0
     assert _epochs(reused) == [1]
     # ... and from Python, resuming such a run starts it from epoch 1 too
     again = tmp_path / "api"
@@ -226,7 +224,7 @@ def test_a_history_that_does_not_match_the_checkpoint_is_refused(
 
 
 def test_the_settings_a_resume_may_change_are_the_fits():
-    from pyro_vae.fit import RESUMABLE
+    from pyro_vae.cli.fit import RESUMABLE
 
     assert {*RESUMABLE, "out"} == rundir.MAY_DIFFER
 
@@ -329,7 +327,7 @@ def test_a_full_disk_while_checkpointing_gives_one_line(
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as torch gives it
 
-    monkeypatch.setattr("pyro_vae.checkpoint.torch.save", no_space)
+    monkeypatch.setattr("pyro_vae.training.checkpoint.torch.save", no_space)
     assert main(["--resume", str(out), "--epochs", "3", "--quiet"]) == 1
     line = _one_line_error(capsys.readouterr().err)
     assert "checkpoint.pt" in line and "free space" in line and "--resume" in line
@@ -392,7 +390,7 @@ def test_locks_are_released_when_a_run_fails(trained, tmp_path, capsys):
         [
             sys.executable,
             "-c",
-            "import sys; from pyro_vae import runlock; "
+            "import sys; from pyro_vae.cli import runlock; "
             f"runlock.acquire({str(out)!r}); print('free')",
         ],
         capture_output=True,

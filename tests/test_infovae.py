@@ -28,11 +28,12 @@ from pyro.infer import Trace_ELBO
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.fit import main
 from pyro_vae.data import binarize_splits
+from pyro_vae.data.sources import load_dataset
 from pyro_vae.evaluate.latents import latent_diagnostics
-from pyro_vae.fit import main
 from pyro_vae.guides import mlp_diagonal_guide
 from pyro_vae.losses import (
     MULTI_SCALES,
@@ -44,8 +45,7 @@ from pyro_vae.losses import (
     mmd2,
 )
 from pyro_vae.models import VAE, BernoulliLikelihood, LinearGaussian, mlp_decoder
-from pyro_vae.sources import load_dataset
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.loop import make_elbo, train
 
 # ---------------------------------------------------------------------------------
 # 1. Kernels and MMD²

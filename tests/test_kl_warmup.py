@@ -15,12 +15,12 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.fit import main
 from pyro_vae.errors import ConfigError
-from pyro_vae.fit import main
 from pyro_vae.losses import Trace_InfoVAE, infovae_preset
-from pyro_vae.train import kl_weight_at, make_elbo, train
+from pyro_vae.training.loop import kl_weight_at, make_elbo, train
 
 TINY = ["--hidden", "32", "--latent-dim", "3", "--quiet", "--eval-k", "0"]
 

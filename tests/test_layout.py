@@ -16,7 +16,7 @@ import pyro_vae.models
 
 REPO = Path(__file__).resolve().parents[1]
 THIRD_PARTY_OK_IN_PARTS = {"torch", "pyro"}
-ASSEMBLERS = {"pyro_vae.fit", "pyro_vae.build", "pyro_vae.parts"}
+ASSEMBLERS = {"pyro_vae.cli.fit", "pyro_vae.cli.build", "pyro_vae.cli.parts"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -61,34 +61,110 @@ def test_parts_import_only_torch_pyro_and_nn(folder):
         assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
-def test_engine_modules_import_neither_models_nor_guides():
-    engine = [
-        REPO / "pyro_vae" / f"{name}.py"
-        for name in ("train", "data", "generate", "step")
-    ]
-    engine += sorted((REPO / "pyro_vae" / "distributed").glob("*.py"))
-    engine += sorted((REPO / "pyro_vae" / "losses").glob("*.py"))
-    # the estimator package; its __main__ is a command line and may assemble
-    engine += [
-        p
-        for p in sorted((REPO / "pyro_vae" / "evaluate").glob("*.py"))
-        if p.name != "__main__.py"
-    ]
-    assert len(engine) >= 8
-    for path in engine:
-        bad = {
-            n
-            for n in _imports(path)
-            if n.startswith(("pyro_vae.models", "pyro_vae.guides")) or n in ASSEMBLERS
-        }
-        assert not bad, f"{path.name} imports {sorted(bad)}"
+#: The layers, lowest first. A module may import its own layer and the layers below
+#: it, never one above; models and guides have their own, stricter rule (above).
+#: A package's ``__main__`` and the root's command modules are entry points: they
+#: run a command, so they sit on top with the package's public surface.
+LAYERS = [
+    (
+        "base",
+        (
+            "pyro_vae.errors",
+            "pyro_vae.nn",
+            "pyro_vae.files",
+            "pyro_vae.memory",
+            "pyro_vae.rng",
+        ),
+    ),
+    ("data", ("pyro_vae.data",)),
+    ("parts", ("pyro_vae.models", "pyro_vae.guides")),
+    ("losses", ("pyro_vae.losses",)),
+    ("estimators", ("pyro_vae.evaluate",)),
+    ("training", ("pyro_vae.training",)),
+    ("cli", ("pyro_vae.cli",)),
+    (
+        "entry",
+        (
+            "pyro_vae",
+            "pyro_vae.__main__",
+            "pyro_vae.fit",
+            "pyro_vae.report",
+            "pyro_vae.evaluate.__main__",
+        ),
+    ),
+]
+ENTRY_POINTS = dict(LAYERS)["entry"]
+#: within a layer, these never import each other
+APART = [("pyro_vae.models", "pyro_vae.guides")]
 
 
-def test_nothing_imports_the_cli():
-    for path in sorted((REPO / "pyro_vae").rglob("*.py")):
-        if path.stem in ("fit", "__main__"):
-            continue
-        assert "pyro_vae.fit" not in _imports(path), path
+def _module(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    name = ".".join(("pyro_vae", *parts) if parts[0] in ("models", "guides") else parts)
+    return name.removesuffix(".__init__")
+
+
+def _layer(name: str) -> int:
+    """The index in :data:`LAYERS` of module ``name``: its longest matching prefix."""
+    if name in ENTRY_POINTS:
+        return len(LAYERS) - 1
+    best, rank = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS[:-1]):
+        for prefix in prefixes:
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                best, rank = len(prefix), i
+    assert rank is not None, f"{name} is in no layer: add it to LAYERS"
+    return rank
+
+
+def _package_files() -> list[Path]:
+    files = sorted((REPO / "pyro_vae").rglob("*.py"))
+    files += sorted((REPO / "models").rglob("*.py"))
+    return files + sorted((REPO / "guides").rglob("*.py"))
+
+
+def test_every_module_imports_only_its_layer_and_below():
+    checked = 0
+    for path in _package_files():
+        mine = _module(path)
+        for name in _imports(path):
+            if not name.startswith("pyro_vae"):
+                continue
+            checked += 1
+            assert _layer(name) <= _layer(mine), (
+                f"{mine} ({LAYERS[_layer(mine)][0]}) imports {name} "
+                f"({LAYERS[_layer(name)][0]}), a higher layer"
+            )
+            for a, b in APART:
+                for x, y in ((a, b), (b, a)):
+                    assert not (mine.startswith(x) and name.startswith(y)), (
+                        f"{mine} imports {name}"
+                    )
+    assert checked > 100
+
+
+def test_the_layer_check_can_fail():
+    assert _layer("pyro_vae.training.loop") > _layer("pyro_vae.data.splits")
+    assert _layer("pyro_vae.evaluate.marginal") < _layer("pyro_vae.cli.config")
+    assert _layer("pyro_vae.evaluate.__main__") == len(LAYERS) - 1
+    with pytest.raises(AssertionError, match="in no layer"):
+        _layer("pyro_vae.somewhere_new")
+
+
+def test_root_holds_only_the_base_and_the_commands():
+    """The root of the package says the pipeline: subpackages, a few base modules."""
+    root = {p.stem for p in (REPO / "pyro_vae").glob("*.py")}
+    assert root == {
+        "__init__",
+        "__main__",
+        "errors",
+        "nn",
+        "files",
+        "memory",
+        "rng",
+        "fit",
+        "report",
+    }
 
 
 def test_checker_sees_a_forbidden_import(tmp_path, monkeypatch):
@@ -112,7 +188,11 @@ def test_wheel_contains_models_and_guides_inside_pyro_vae(tmp_path):
         REPO,
         src,
         ignore=lambda d, names: [
-            n for n in names if n in {"build", ".git", "runs", "data"} or ".egg" in n
+            n
+            for n in names
+            if (d == str(REPO) and n in {"build", ".git", "runs", "data", ".venv"})
+            or ".egg" in n
+            or n == "__pycache__"
         ],
     )
     subprocess.run(

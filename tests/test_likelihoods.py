@@ -18,8 +18,8 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch.nn import functional as F
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.errors import ConfigError
 from pyro_vae.models.discretized import DiscretizedLogistic
 from pyro_vae.models.likelihoods import (

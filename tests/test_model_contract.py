@@ -21,9 +21,9 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
-from pyro_vae.generate import sample_prior
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.generate import sample_prior
 from pyro_vae.guides import GUIDES, AmortizedGuide, mlp_diagonal_guide
 from pyro_vae.models import VAE, LinearGaussian, mlp_decoder
 from pyro_vae.models.vae import DistributionPrior

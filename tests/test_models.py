@@ -21,8 +21,8 @@ from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch.nn import functional as F
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import (
     DECODERS,

@@ -18,14 +18,14 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.data.sources import load_dataset
 from pyro_vae.evaluate import check_consistency, log_marginal, log_weights
 from pyro_vae.guides import ENCODERS, GUIDES
 from pyro_vae.models import LIKELIHOODS, PRIORS, VAE, GaussianLikelihood
-from pyro_vae.sources import load_dataset
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.training.loop import make_elbo, train
 
 N_TRAIN, N_EVAL, K = 200, 20, 64
 
@@ -206,7 +206,7 @@ def test_vamp_mixture_keeps_float32_precision_when_sigma_is_small():
 
 
 def test_meanfield_without_closed_form_kl_is_refused(tmp_path, capsys):
-    from pyro_vae.fit import main
+    from pyro_vae.cli.fit import main
 
     argv = ["--prior", "mog", "--elbo", "meanfield", "--epochs", "1", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "r")]) == 1

@@ -31,7 +31,7 @@ from pyro_vae.guides import mlp_diagonal_guide
 from pyro_vae.losses import infovae_preset
 from pyro_vae.models import PRIORS, VAE, BernoulliLikelihood, mlp_decoder
 from pyro_vae.models.priors import ReparameterizedMixture
-from pyro_vae.step import StepLoss
+from pyro_vae.training.step import StepLoss
 
 N_DATA, D_DATA, LATENT = 16, 6, 2
 

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
-from pyro_vae.figures import FLIP_RATE, add_noise
-from pyro_vae.fit import main
-from pyro_vae.generate import decode, encode_mean, interpolate
-from pyro_vae.report import FIGURE_ORDER
-from pyro_vae.report import main as report_main
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.figures import FLIP_RATE, add_noise
+from pyro_vae.cli.fit import main
+from pyro_vae.cli.generate import decode, encode_mean, interpolate
+from pyro_vae.cli.report import FIGURE_ORDER
+from pyro_vae.cli.report import main as report_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

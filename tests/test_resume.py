@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import pyro_vae
-from pyro_vae.checkpoint import load_checkpoint
+from pyro_vae.cli.fit import main
 from pyro_vae.data import check_images
 from pyro_vae.errors import DataError
-from pyro_vae.fit import main
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.checkpoint import load_checkpoint
+from pyro_vae.training.loop import make_elbo, train
 
 TINY = ["--hidden", "32", "--latent-dim", "3", "--quiet", "--eval-k", "20"]
 
@@ -105,7 +105,7 @@ def test_signal_mid_epoch_saves_and_resumes(tmp_path, sig, status):
 def test_nan_stops_training_and_keeps_the_last_good_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
-    import pyro_vae.session as session
+    import pyro_vae.cli.run as session
 
     real_build = session.build_model_and_guide
 
@@ -141,8 +141,8 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(
 
 def test_grad_clip_bounds_the_global_norm(tmp_path):
     torch.set_default_dtype(torch.float32)
-    model, guide = pyro_vae.loading.build_model_and_guide(
-        pyro_vae.config.FitConfig(hidden=(16,), latent_dim=2), 64
+    model, guide = pyro_vae.cli.loading.build_model_and_guide(
+        pyro_vae.cli.config.FitConfig(hidden=(16,), latent_dim=2), 64
     )
     x = torch.bernoulli(torch.full((100, 64), 0.3))
     params = list(torch.nn.ModuleList([model, guide]).parameters())
@@ -223,7 +223,9 @@ def test_checkpoint_from_an_incompatible_config_is_refused(tmp_path, capsys):
     payload = torch.load(out / "checkpoint.pt", weights_only=True)
     payload["config"]["latent_dim"] = 7  # the weights are for 3
     torch.save(payload, out / "checkpoint.pt")
-    with pytest.raises(pyro_vae.checkpoint.CheckpointError, match="does not fit"):
+    with pytest.raises(
+        pyro_vae.training.checkpoint.CheckpointError, match="does not fit"
+    ):
         pyro_vae.load(out)
     assert main(["--resume", str(out), "--epochs", "2"]) == 1
     assert "does not fit this run's networks" in capsys.readouterr().err

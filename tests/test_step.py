@@ -18,12 +18,12 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.util import torch_item
 from pyro.nn import PyroModule
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import batches
 from pyro_vae.losses import make_objective
-from pyro_vae.step import StepLoss, make_optimizer
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.step import StepLoss, make_optimizer
 
 PARTS = {
     "default": {},

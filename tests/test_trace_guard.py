@@ -15,13 +15,13 @@ import pytest
 import torch
 from pyro import poutine
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import LIKELIHOODS, PRIORS, VAE
-from pyro_vae.step import StepLoss, make_optimizer
-from pyro_vae.trace_guard import python_state, untraceable_reason
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.step import StepLoss, make_optimizer
+from pyro_vae.training.trace_guard import python_state, untraceable_reason
 
 
 class WarmupVAE(VAE):

@@ -8,11 +8,11 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import binarize_splits
-from pyro_vae.sources import load_dataset
-from pyro_vae.train import NonFiniteLossError, dataset_elbo, make_elbo, train
+from pyro_vae.data.sources import load_dataset
+from pyro_vae.training.loop import NonFiniteLossError, dataset_elbo, make_elbo, train
 
 
 @pytest.fixture(scope="module")

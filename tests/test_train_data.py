@@ -6,12 +6,12 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import binarize_splits
+from pyro_vae.data.sources import load_dataset
 from pyro_vae.errors import DataError
-from pyro_vae.sources import load_dataset
-from pyro_vae.train import make_elbo, train
+from pyro_vae.training.loop import make_elbo, train
 
 
 def _parts():

@@ -6,7 +6,7 @@ and PSIS diagnostics; ``check_consistency`` verifies ELBO ≤ IWAE_k ≤ log p̂
 ``python -m pyro_vae.evaluate RUN_DIR`` runs all of it on a trained run.
 
 This package imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`
-(its command line, ``__main__``, assembles a run through :mod:`pyro_vae.loading`).
+(its command line, ``__main__``, assembles a run through :mod:`pyro_vae.cli.loading`).
 """
 
 from pyro_vae.evaluate.check import (

@@ -27,6 +27,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_vae.errors import PyroVAEError
+from pyro_vae.rng import forked_rng
 
 __all__ = ["EstimatorConsistencyError", "check_against_pyro", "check_consistency"]
 
@@ -114,8 +115,7 @@ def check_against_pyro(
     elbo = Trace_ELBO(
         num_particles=particles, vectorize_particles=True, max_plate_nesting=1
     )
-    devices = [x.device.index or 0] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+    with forked_rng(x, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         total = sum(

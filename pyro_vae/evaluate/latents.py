@@ -39,6 +39,7 @@ from torch.distributions import kl_divergence
 
 from pyro_vae.losses.kernels import Kernel
 from pyro_vae.losses.mmd import mmd2
+from pyro_vae.rng import forked_rng
 
 __all__ = ["ACTIVE_UNIT_THRESHOLD", "latent_diagnostics"]
 
@@ -64,8 +65,7 @@ def latent_diagnostics(
         max_pairs: M, the data used for the O(M²) statistics (MMD, MI).
         site: the latent site.
     """
-    devices = [x.device.index or 0] if x.is_cuda else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng(x):
         torch.manual_seed(seed)
         guide_trace = poutine.trace(guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -114,7 +114,7 @@ def _posterior_means(
     try:
         return q.mean
     except NotImplementedError:
-        with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
+        with forked_rng(x):
             torch.manual_seed(seed + 1)
             with pyro.plate("particles", 256, dim=-2):
                 trace = poutine.trace(guide).get_trace(x)

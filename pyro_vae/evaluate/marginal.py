@@ -82,10 +82,11 @@ import pyro
 import torch
 from pyro.infer.util import is_validation_enabled
 
-from pyro_vae.config import refuse_if_too_big
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.evaluate.psis import KHAT_UNRELIABLE, psis_diagnostics
 from pyro_vae.evaluate.weights import log_weights
+from pyro_vae.memory import refuse_if_too_big
+from pyro_vae.rng import forked_rng
 
 __all__ = ["LogMarginal", "iwae_grid", "log_marginal", "plan_particle_chunk"]
 
@@ -269,9 +270,7 @@ def log_marginal(
     _validate(model, guide, data)
     for first in range(0, len(data), n_chunk):
         x = data[first : first + n_chunk]
-        with torch.random.fork_rng(
-            devices=_cuda_devices(data), enabled=seed is not None
-        ):
+        with forked_rng(data, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(chunk_seed(seed, first))
             buffer = _weights_buffer(model, guide, x, k, particle_chunk)
@@ -304,10 +303,6 @@ def chunk_seed(seed: int, first: int) -> int:
     return int(state[0])
 
 
-def _cuda_devices(data: torch.Tensor) -> list[int]:
-    return [data.device.index or 0] if data.is_cuda else []
-
-
 def _validate(model: Callable, guide: Callable, data: torch.Tensor) -> None:
     """Run Pyro's checks (supports, shapes, sites) once, on two particles of two data.
 
@@ -316,7 +311,7 @@ def _validate(model: Callable, guide: Callable, data: torch.Tensor) -> None:
     """
     if not is_validation_enabled():
         return
-    with torch.random.fork_rng(devices=_cuda_devices(data)):
+    with forked_rng(data):
         log_weights(model, guide, data[:2], 2)
 
 

@@ -94,7 +94,7 @@ class Trace_InfoVAE(Trace_ELBO):  # noqa: N801 - Pyro's naming of losses
         super().__init__(**kwargs)
         # A warm-up's KL weight w: the objective's KL term is weighed w (1 - α).
         # A tensor, lifted as a buffer of the loss module (__call__), so that a
-        # traced step reads its value on every call (pyro_vae.trace_guard).
+        # traced step reads its value on every call (pyro_vae.training.trace_guard).
         self.kl_weight = torch.ones(()) if kl_warmup else None
         self.alpha, self.lam = float(alpha), float(lam)
         self.kernel = kernel or Kernel()

@@ -7,8 +7,9 @@ Training maximizes the ELBO (Kingma & Welling, 2014, eq. 3),
 
 by minimizing Pyro's loss, ``-ELBO`` summed over the batch, divided by the batch size:
 one torch optimizer over ``elbo(model, guide)``, no global parameter store. Each step's
-loss runs through :class:`pyro_vae.step.StepLoss` (validated once, then traced per
-batch shape) and fused Adam; both leave the numbers as Pyro's eager path computes them.
+loss runs through :class:`pyro_vae.training.step.StepLoss` (validated once, then traced
+per batch shape) and fused Adam; both leave the numbers as Pyro's eager path computes
+them.
 
 **Non-finite losses.** On CPU every loss is checked before its step, so no step is
 taken on a NaN. On CUDA that check would stall the device once per step, so the
@@ -23,8 +24,9 @@ with ``num_particles`` reparameterized draws; ``TraceMeanField_ELBO`` uses the a
 KL(q(z|x) || p(z)) where one is registered.
 
 **Several processes.** With ``distributed`` (a
-:class:`pyro_vae.distributed.DistContext`), each process trains on its shard of every
-epoch with ``batch_size / world_size`` data per step, DDP averages the gradients, and
+:class:`pyro_vae.training.distributed.DistContext`), each process trains on its shard of
+every epoch with ``batch_size / world_size`` data per step, DDP averages the gradients,
+and
 the epoch's train and validation sums are added over the processes; that module's
 docstring gives the scaling rule. Without it, nothing changes, to the last bit.
 
@@ -48,10 +50,10 @@ from tqdm.auto import tqdm
 
 from pyro_vae.data import Splits, batches
 from pyro_vae.errors import DataError, PyroVAEError
-from pyro_vae.step import StepLoss, make_optimizer
+from pyro_vae.training.step import StepLoss, make_optimizer
 
 if TYPE_CHECKING:
-    from pyro_vae.distributed import DistContext
+    from pyro_vae.training.distributed import DistContext
 
 __all__ = [
     "ELBOS",
@@ -201,7 +203,8 @@ def train(
     Raises:
         NonFiniteLossError: when a loss is NaN or inf; the step is not taken.
         TrainingInterrupted: when ``should_stop()`` turned True.
-        pyro_vae.distributed.DistributedError: with ``distributed``, when another
+        pyro_vae.training.distributed.DistributedError: with ``distributed``, when
+        another
             process died or hung.
     """
     train_x, valid_x, dynamic_binarization = _data(

@@ -21,10 +21,12 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyro_vae import plots
+from pyro_vae.cli import plots
 from pyro_vae.evaluate.check import check_against_pyro, check_consistency
 from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.marginal import LogMarginal, log_marginal
+from pyro_vae.files import atomic_path, atomic_write_text
+from pyro_vae.rng import forked_rng
 
 __all__ = [
     "POSTERIOR_DRAWS",
@@ -127,7 +129,7 @@ def posterior_draws(
     guide: Callable, x: torch.Tensor, seed: int, draws: int = POSTERIOR_DRAWS
 ) -> torch.Tensor:
     """``draws`` samples of z ~ q(z|x) per datum, ``(draws, N, d)``."""
-    with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
+    with forked_rng(x):
         torch.manual_seed(seed)
         with pyro.plate("particles", draws, dim=-2):
             trace = poutine.trace(guide).get_trace(x)
@@ -135,9 +137,7 @@ def posterior_draws(
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _write_netcdf(path: Path, result: LogMarginal, z: torch.Tensor) -> None:
@@ -162,6 +162,5 @@ def _write_netcdf(path: Path, result: LogMarginal, z: torch.Tensor) -> None:
             {"z": z.double().numpy()[None]}, dims={"z": ["datum", "latent"]}
         )
         idata = az.InferenceData(posterior=posterior, evaluation=evaluation)
-        tmp = path.with_name(f".{path.name}.tmp")
-        idata.to_netcdf(str(tmp))
-    os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            idata.to_netcdf(str(tmp))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pyro_vae.data import Splits, check_images, split_train_valid
+from pyro_vae.files import atomic_open
 from pyro_vae.errors import DataError
 
 __all__ = ["DATASETS", "IDX_FILES", "load_dataset"]
@@ -334,22 +335,17 @@ def _unpack(src: Path, dest: Path) -> None:
     stamp_file = dest.with_name(dest.name + ".source")
     if dest.is_file() and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return
-    # a name of its own: processes of a distributed run may unpack at the same time
-    fd, name = tempfile.mkstemp(
-        prefix=dest.name + ".", suffix=".partial", dir=dest.parent
-    )
-    tmp = Path(name)
+    # atomic (pyro_vae.files): processes of a distributed run may unpack at once,
+    # and a half-unpacked file never carries the final name
     opener = gzip.open if src.suffix == ".gz" else open
     try:
-        with opener(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+        with opener(src, "rb") as fin, atomic_open(dest, "wb") as fout:
             shutil.copyfileobj(fin, fout)
     except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        tmp.unlink(missing_ok=True)
         raise DataError(
             f"{src} cannot be unpacked ({type(err).__name__}: {err}); it is "
             "truncated or not gzip data. Replace it with the original file."
         ) from None
-    os.replace(tmp, dest)  # a half-unpacked file never carries the final name
     stamp_file.write_text(stamp)
 
 

@@ -3,7 +3,7 @@
 The flags' gradients carry each process's loss and stop request; DDP averages them
 with the real gradients, so every process learns, at no extra collective, whether any
 loss was not finite or any process was asked to stop
-(:meth:`pyro_vae.distributed.DistContext.agree` reads them).
+(:meth:`pyro_vae.training.distributed.DistContext.agree` reads them).
 """
 
 from __future__ import annotations

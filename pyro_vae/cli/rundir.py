@@ -4,8 +4,9 @@
 * ``history.csv``: epoch, train_elbo, valid_elbo, seconds, train_loss (nats per datum);
 * ``metrics.json``: final ELBOs per split, wall time, device, package versions;
 * ``checkpoint.pt``: model, guide and optimizer state plus the config, atomic;
-* ``figures/``: drawn by :mod:`pyro_vae.figures`;
-* ``.lock``: while a process writes the directory, its PID (:mod:`pyro_vae.runlock`).
+* ``figures/``: drawn by :mod:`pyro_vae.cli.figures`;
+* ``.lock``: while a process writes the directory, its PID
+(:mod:`pyro_vae.cli.runlock`).
 
 :func:`create` takes only a new or empty directory, or a run that stopped before its
 first checkpoint; the ``check_*`` functions refuse a resume whose files would disagree
@@ -27,13 +28,14 @@ from typing import Any
 
 import torch
 
-from pyro_vae import runlock
-from pyro_vae.checkpoint import load_checkpoint, remove_stray_temporaries
-from pyro_vae.checkpoint import save_checkpoint as _atomic_save
-from pyro_vae.config import FitConfig
+from pyro_vae.cli import runlock
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import BINARIZE_SEED, Splits
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.train import EpochStats
+from pyro_vae.files import atomic_open, atomic_write_text
+from pyro_vae.training.checkpoint import load_checkpoint, remove_stray_temporaries
+from pyro_vae.training.checkpoint import save_checkpoint as _atomic_save
+from pyro_vae.training.loop import EpochStats
 
 __all__ = [
     "absolute_paths",
@@ -49,7 +51,6 @@ __all__ = [
     "default_out",
     "package_versions",
     "read_history",
-    "restart_command",
     "resume_config",
     "rewrite_history",
     "save_checkpoint",
@@ -70,7 +71,7 @@ RUN_FILES = {
     "figures",
     runlock.LOCK_NAME,
 }
-#: the settings a resume may change (``pyro_vae.fit.RESUMABLE``) and the directory's
+#: the settings a resume may change (``pyro_vae.cli.fit.RESUMABLE``) and the directory's
 #: name: a checkpoint and ``config.json`` of one run may differ in these only
 MAY_DIFFER = {
     "epochs",
@@ -102,7 +103,7 @@ def default_out(cfg: FitConfig) -> Path:
 
 
 def claim(out: str | os.PathLike, what: str = "fit") -> None:
-    """Lock ``out`` for this process (:mod:`pyro_vae.runlock`), then delete the
+    """Lock ``out`` for this process (:mod:`pyro_vae.cli.runlock`), then delete the
     temporary files a killed process left there."""
     runlock.acquire(out, what)
     remove_stray_temporaries(out)
@@ -227,7 +228,9 @@ def append_history(out: Path, stats: EpochStats) -> None:
 def save_checkpoint(
     out: Path, cfg: FitConfig, state: dict[str, Any], splits: Splits
 ) -> Path:
-    """Write ``checkpoint.pt`` atomically from a :func:`pyro_vae.resume.snapshot`."""
+    """Write ``checkpoint.pt`` atomically from a
+    :func:`pyro_vae.training.state.snapshot`.
+    """
     payload = {
         **state,
         "config": asdict(cfg),
@@ -310,32 +313,6 @@ def resume_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not (run_dir / "checkpoint.pt").exists() and _is_our_config(path):
         return json.loads(path.read_text())
     return load_checkpoint(run_dir / "checkpoint.pt")["config"]
-
-
-def restart_command(run_dir: str | os.PathLike) -> str:
-    """The ``fit`` command that starts the run of ``run_dir/config.json`` over."""
-    run_dir = Path(run_dir)
-    try:
-        path = run_dir / "config.json"
-        cfg = FitConfig.from_dict(json.loads(path.read_text()), str(path))
-    except (OSError, TypeError, ValueError):
-        return (
-            f"python -m pyro_vae.fit --out {shlex.quote(str(run_dir))} and the flags "
-            f"in {run_dir / 'config.json'}"
-        )
-    argv = ["python", "-m", "pyro_vae.fit"]
-    for f in fields(FitConfig):
-        value = getattr(cfg, f.name)
-        if f.name == "out" or value == f.default:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, tuple):
-            argv.append(f"{flag}={','.join(map(str, value))}")
-        else:
-            argv.append(f"{flag}={value}")
-    return shlex.join([*argv, "--out", str(run_dir)])
 
 
 def check_config_agrees(out: Path, stored: Any) -> None:
@@ -421,13 +398,11 @@ def read_history(out: Path, up_to_epoch: int | None = None) -> list[EpochStats]:
 
 def rewrite_history(out: Path, rows: list[EpochStats]) -> None:
     """Replace ``history.csv`` with ``rows`` (a resumed run drops later epochs)."""
-    tmp = out / ".history.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(out / "history.csv", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(HISTORY_FIELDS)
         for stats in rows:
             writer.writerow([getattr(stats, name) for name in HISTORY_FIELDS])
-    os.replace(tmp, out / "history.csv")
 
 
 def save_metrics(
@@ -471,9 +446,7 @@ def save_metrics(
             "fraction_above_0.7"
         ]
         metrics["eval_estimator"] = evaluation["estimator"]
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

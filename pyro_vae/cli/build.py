@@ -1,9 +1,10 @@
 """Assemble a (model, guide) pair from a :class:`FitConfig` by the names of its parts.
 
-This is the CLI's assembly step: with :mod:`pyro_vae.fit` and :mod:`pyro_vae.parts`,
-the only place that imports both :mod:`pyro_vae.models` and :mod:`pyro_vae.guides`.
+This is the CLI's assembly step: with :mod:`pyro_vae.cli.fit` and
+:mod:`pyro_vae.cli.parts`, the only place that imports both :mod:`pyro_vae.models` and
+:mod:`pyro_vae.guides`.
 A prior, likelihood or guide is a registry name or a factory of one's own given as
-``PACKAGE.MODULE:FACTORY``; :mod:`pyro_vae.parts` says which keywords each factory
+``PACKAGE.MODULE:FACTORY``; :mod:`pyro_vae.cli.parts` says which keywords each factory
 gets and what it must return.
 """
 
@@ -15,11 +16,11 @@ from typing import Any
 
 import torch
 
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.parts import call_factory
 from pyro_vae.errors import ConfigError
 from pyro_vae.guides import ENCODERS
 from pyro_vae.models import DECODERS, VAE
-from pyro_vae.parts import call_factory
 
 __all__ = ["build_model_and_guide", "lookup"]
 

@@ -2,7 +2,7 @@
 
 :class:`DistContext` holds this process's rank and offers the collectives training
 uses (sharding, DDP, sums, agreement, rank-0-only work), each guarded so that a lost
-process becomes a :class:`~pyro_vae.distributed.failures.DistributedError`.
+process becomes a :class:`~pyro_vae.training.distributed.failures.DistributedError`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from pyro_vae.distributed.failures import (
+from pyro_vae.errors import ConfigError
+from pyro_vae.training.distributed.failures import (
     DistributedError,
     collective_timeout,
     first_line,
     lost_contact,
 )
-from pyro_vae.distributed.launch import cpu_cores
-from pyro_vae.distributed.replica import Replica
-from pyro_vae.errors import ConfigError
+from pyro_vae.training.distributed.launch import cpu_cores
+from pyro_vae.training.distributed.replica import Replica
 
 __all__ = ["DistContext", "init_from_env"]
 
@@ -113,7 +113,8 @@ class DistContext:
     """This process's place in the group, and the collectives training needs.
 
     ``rank`` 0 is the main process: it alone writes the run directory. Build one with
-    :func:`init_from_env`; :func:`pyro_vae.train.train` takes it as ``distributed``.
+    :func:`init_from_env`; :func:`pyro_vae.training.loop.train` takes it as
+    ``distributed``.
     """
 
     rank: int
@@ -150,7 +151,8 @@ class DistContext:
         """This process's indices of ``range(n)`` for ``epoch``, in training order.
 
         One permutation per epoch from ``seed + epoch``, the same on every process,
-        dealt out by :class:`DistributedSampler` (see :mod:`pyro_vae.distributed`).
+        dealt out by :class:`DistributedSampler` (see
+        :mod:`pyro_vae.training.distributed`).
         """
         sampler = DistributedSampler(
             range(n),
@@ -178,7 +180,7 @@ class DistContext:
         """``step_loss`` wrapped in DDP: its ``backward()`` averages the gradients.
 
         Args:
-            step_loss: the batch loss, e.g. :class:`pyro_vae.step.StepLoss`.
+            step_loss: the batch loss, e.g. :class:`pyro_vae.training.step.StepLoss`.
             loss_fn: the module whose parameters ``step_loss`` trains.
             should_stop: polled once per step; its answer is shared with the
                 gradients (see :meth:`agree`).
@@ -304,7 +306,8 @@ class DistContext:
 
     def lost_contact(self, err: BaseException, what: str) -> DistributedError | None:
         """The :class:`DistributedError` that ``err`` means, or None if it is no
-        collective's failure (:func:`pyro_vae.distributed.failures.lost_contact`)."""
+        collective's failure
+        (:func:`pyro_vae.training.distributed.failures.lost_contact`)."""
         return lost_contact(err, what, self.rank, self.world_size, self.processes)
 
 

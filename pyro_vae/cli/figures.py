@@ -5,11 +5,11 @@
 epoch, with the test log p̂(x) when evaluated), ``latent.png`` (E_q[z|x] of test data
 coloured by label: PCA when d > 2), ``manifold.png`` (only for d = 2: a grid of prior
 quantiles decoded), ``denoising.png`` and ``interpolation.png``. The evaluation adds
-``iwae_vs_k.png`` and ``khat.png`` (:mod:`pyro_vae.evaluate.report`).
+``iwae_vs_k.png`` and ``khat.png`` (:mod:`pyro_vae.cli.evaluation`).
 
 Flat data ``(N, D)`` are drawn as squares when D is a square number, else as strips
-of D pixels (:func:`pyro_vae.plots.image_grid`). Each figure is drawn on its own: one
-that cannot be drawn (interpolation with a single test datum, the principal
+of D pixels (:func:`pyro_vae.cli.plots.image_grid`). Each figure is drawn on its own:
+one that cannot be drawn (interpolation with a single test datum, the principal
 components of a latent scatter with fewer than three) or that fails is skipped, any
 older copy of it is removed, and a note says why; the others are drawn all the same.
 """
@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pyro_vae import plots
-from pyro_vae.data import Splits
-from pyro_vae.generate import (
+from pyro_vae.cli import plots
+from pyro_vae.cli.generate import (
     _samples_without_data,
     decode,
     encode_mean,
@@ -31,7 +30,8 @@ from pyro_vae.generate import (
     reconstruct,
     sample_prior,
 )
-from pyro_vae.train import EpochStats
+from pyro_vae.data import Splits
+from pyro_vae.training.loop import EpochStats
 
 __all__ = ["MANIFOLD_SIDE", "N_PICTURES", "add_noise", "save_figures"]
 

@@ -7,7 +7,7 @@ and each leaves the numbers as they were, up to float rounding:
 
 * **validation once**: the first step runs with Pyro's (and torch.distributions')
   argument and support checks on; later steps run with them off. The data were
-  checked up front, and a NaN still stops training (:mod:`pyro_vae.train`).
+  checked up front, and a NaN still stops training (:mod:`pyro_vae.training.loop`).
 * **one trace per batch shape**: :class:`StepLoss` records the loss
   ``elbo.differentiable_loss(model, guide, x)`` once per input shape with
   :func:`torch.jit.trace` and replays that graph. The random draws are recorded as
@@ -27,7 +27,7 @@ and each leaves the numbers as they were, up to float rounding:
 **What is traced.** A traced graph freezes every Python value the loss read while
 it was recorded. By default (``jit="auto"``) :class:`StepLoss` traces only losses
 made of known code, the registries' parts and torch's and Pyro's modules, and keys
-each graph by the Python state that code reads (:mod:`pyro_vae.trace_guard`); a
+each graph by the Python state that code reads (:mod:`pyro_vae.training.trace_guard`); a
 model or guide of a user's own class runs eagerly, as in plain Pyro, so a KL weight
 it reads from ``self`` is read on every step. ``jit=True`` traces any model (the
 user vouches for it); ``jit=False`` (``--no-jit``) never traces.
@@ -57,7 +57,8 @@ import pyro
 import torch
 from pyro.infer import util as pyro_util
 
-from pyro_vae.trace_guard import python_state, untraceable_reason
+from pyro_vae.rng import forked_rng
+from pyro_vae.training.trace_guard import python_state, untraceable_reason
 
 __all__ = ["StepLoss", "make_optimizer"]
 
@@ -69,8 +70,9 @@ class StepLoss:
         loss_fn: a module mapping a batch to a scalar loss, e.g. Pyro's
             ``Trace_ELBO()(model, guide)``.
         jit: ``"auto"`` (the default) traces only where a replay means what eager
-            Pyro means (:mod:`pyro_vae.trace_guard`: the registries' parts, torch's
-            and Pyro's modules, guarded by their Python state) and runs any other
+            Pyro means (:mod:`pyro_vae.training.trace_guard`: the registries' parts,
+            torch's and Pyro's modules, guarded by their Python state) and runs any
+            other
             code eagerly; ``True`` traces whatever the model is (the user vouches
             that it reads no Python state that changes); ``False`` never traces.
             Every mode validates the first call only.
@@ -102,7 +104,7 @@ class StepLoss:
                     return self.loss_fn(x)
             # Validate on a rewound RNG, then trace and run on the same draws: every
             # reported loss then comes from the graph, also on a resumed run.
-            with pyro.validation_enabled(True), torch.random.fork_rng(_cuda(x)):
+            with pyro.validation_enabled(True), forked_rng(x):
                 self.loss_fn(x)
         with pyro.validation_enabled(False):
             key = self._key(x) if self.jit else None
@@ -147,7 +149,7 @@ class StepLoss:
 
     def _trace(self, x: torch.Tensor) -> torch.jit.ScriptModule | None:
         try:
-            with torch.random.fork_rng(_cuda(x)), _items_stay_tensors():
+            with forked_rng(x), _items_stay_tensors():
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     graph = torch.jit.trace(self.loss_fn, (x,), check_trace=False)
@@ -169,11 +171,6 @@ class StepLoss:
 
 _TRACE_LOCK = threading.Lock()
 _SEEN: dict = {}  # warn_explicit's registry: torch's notes once per place, as usual
-
-
-def _cuda(x: torch.Tensor) -> list[torch.device]:
-    """The devices whose generators fork_rng must rewind besides the CPU's."""
-    return [x.device] if x.device.type == "cuda" else []
 
 
 def _pass_on(caught: list[warnings.WarningMessage]) -> None:

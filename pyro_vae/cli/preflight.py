@@ -8,7 +8,7 @@ import torch
 from pyro import poutine
 from torch.distributions import kl_divergence
 
-from pyro_vae.config import FitConfig
+from pyro_vae.cli.config import FitConfig
 from pyro_vae.data import Splits
 from pyro_vae.errors import ConfigError, DataError
 

@@ -1,6 +1,6 @@
 """Parts by name: the registries, parts of one's own, and the options each part takes.
 
-A prior, likelihood or guide is named in a :class:`~pyro_vae.config.FitConfig` (and
+A prior, likelihood or guide is named in a :class:`~pyro_vae.cli.config.FitConfig` (and
 on the command line) either
 
 * by a registry name: ``normal``, ``gaussian``, ``flow``, ... (:data:`REGISTRIES`),
@@ -43,7 +43,7 @@ directly they also accept, and drop, the other keywords of their kind (as the
 builder once passed them), and refuse any other keyword.
 
 This module imports both :mod:`pyro_vae.models` and :mod:`pyro_vae.guides`: like
-:mod:`pyro_vae.build`, it is assembly code.
+:mod:`pyro_vae.cli.build`, it is assembly code.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from pyro_vae.models.likelihoods import LIKELIHOOD_KEYWORDS
 from pyro_vae.models.priors import PRIOR_KEYWORDS
 
 if TYPE_CHECKING:
-    from pyro_vae.config import FitConfig
+    from pyro_vae.cli.config import FitConfig
 
 __all__ = [
     "KEYWORDS",

@@ -8,13 +8,14 @@ does not switch off inline figures.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+
+from pyro_vae.files import atomic_path
 
 __all__ = [
     "image_grid",
@@ -85,13 +86,8 @@ def _show(
 def _save(fig: Figure, path: str | Path) -> Path:
     """Write the figure atomically: a stop while saving leaves no half-written PNG."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format=path.suffix[1:] or "png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

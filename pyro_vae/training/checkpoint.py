@@ -1,20 +1,21 @@
 """Atomic checkpoint files: a reader never sees a half-written one.
 
-A checkpoint is written to a temporary file in the same directory, flushed and
-fsynced, then renamed over the target with ``os.replace``, which is atomic on POSIX
-and Windows. A crash mid-write leaves the previous checkpoint intact.
+A checkpoint is written through :func:`pyro_vae.files.atomic_open`, like every file
+of a run: a temporary file beside the target, fsynced, then renamed over it. A crash
+mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pyro_vae.errors import PyroVAEError
+from pyro_vae.files import STRAY_GLOB, atomic_open
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -39,50 +40,20 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             (read-only, disk full); the previous checkpoint there is left as it was.
     """
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-        )
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600, else: as any other file
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise OSError(err.errno, err.strerror, str(path)) from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **payload}, f)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 #: the temporary files of the atomic writes of a run directory (checkpoint, history,
 #: metrics, report, evaluation); a process killed mid-write leaves one behind
-STRAY_PATTERNS = (
-    ".checkpoint.pt.*.tmp",
-    ".*.json.tmp",
-    ".*.csv.tmp",
-    ".*.md.tmp",
-    ".*.nc.tmp",
-)
+STRAY_PATTERNS = (STRAY_GLOB,)
 
 
 def remove_stray_temporaries(directory: str | os.PathLike) -> list[Path]:
     """Delete what killed atomic writes left in ``directory``; the removed paths.
 
-    Call it only while holding the directory's lock (:mod:`pyro_vae.runlock`): a
+    Call it only while holding the directory's lock (:mod:`pyro_vae.cli.runlock`): a
     live writer's temporary file looks the same.
     """
     removed = []
@@ -129,11 +100,9 @@ def _missing(path: Path) -> str:
     if path.exists():
         return f"{path} is not a file; a run directory holds its checkpoint there"
     if (folder / "config.json").is_file():
-        from pyro_vae.rundir import restart_command  # rundir imports this module
-
         return (
             f"no checkpoint at {path}: the run in {folder} stopped before its first "
-            "checkpoint, so there is nothing to resume or evaluate; start it again "
-            f"from epoch 1 with: {restart_command(folder)}"
+            "checkpoint, so there is nothing to evaluate; resume it, which starts it "
+            f"from epoch 1: python -m pyro_vae.fit --resume {shlex.quote(str(folder))}"
         )
-    return f"no checkpoint at {path}; train a run first (pyro_vae.fit)"
+    return f"no checkpoint at {path}; train a run first (python -m pyro_vae.fit)"

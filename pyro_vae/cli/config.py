@@ -1,20 +1,18 @@
 """FitConfig: every knob of a training run, its default and what it means.
 
 Each field is one command-line flag (``latent_dim`` -> ``--latent-dim``); the help text
-lives in the field's metadata, so the parser in :mod:`pyro_vae.fit` is generated from
-this one table.
+lives in the field's metadata, so the parser in :mod:`pyro_vae.cli.fit` is generated
+from this one table.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import json
 import math
 import numbers
-import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,16 +20,12 @@ import torch
 
 from pyro_vae.errors import ConfigError
 from pyro_vae.losses.select import make_kernel
+from pyro_vae.memory import format_bytes, machine_memory
 
 __all__ = [
     "MAX_EPOCHS",
     "MAX_SEED",
     "FitConfig",
-    "format_bytes",
-    "machine_memory",
-    "memory_free",
-    "memory_guard",
-    "refuse_if_too_big",
     "resolve_device",
 ]
 
@@ -266,7 +260,7 @@ class FitConfig:
         # prior, likelihood, guide: a registry name or PACKAGE.MODULE:FACTORY (not
         # imported here; the builder imports it). Imported late: parts imports the
         # registries of models and guides.
-        from pyro_vae.parts import check_names
+        from pyro_vae.cli.parts import check_names
 
         check_names(self)
         if _CHECK_MEMORY.get():
@@ -305,7 +299,7 @@ class FitConfig:
         if isinstance(values.get("hidden"), list):
             values["hidden"] = tuple(values["hidden"])
         # a stored config passed the memory check where it was written; what it
-        # needs to be loaded here (weights only) is checked by pyro_vae.loading
+        # needs to be loaded here (weights only) is checked by pyro_vae.cli.loading
         token = _CHECK_MEMORY.set(False)
         try:
             return cls(**values)
@@ -490,95 +484,3 @@ def _check_memory(cfg: FitConfig) -> None:
         f"{what}), more than the {format_bytes(limit)} this machine has; lower "
         f"--{flag.replace('_', '-')} (now {value})"
     )
-
-
-def format_bytes(n: float) -> str:
-    """``12 GB``, ``3.4 GB``, ``120 MB``: a size for a message."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6)):
-        if n >= size:
-            return (
-                f"{n / size:,.0f} {unit}"
-                if n >= 10 * size
-                else f"{n / size:.1f} {unit}"
-            )
-    return f"{n / 1e3:.1f} kB"
-
-
-def machine_memory(need: int = 0, device: str = "auto") -> int:
-    """Bytes of the largest memory of this machine that ``device`` may use: its RAM,
-    or a CUDA device's when that is larger. CUDA is asked only when ``need`` exceeds
-    the RAM, so that a check that passes never initializes it."""
-    host = _host_memory()
-    if need <= host or device == "cpu":
-        return host
-    return max(host, _gpu_memory())
-
-
-def _host_memory() -> int:
-    """Bytes of RAM of this machine (no limit where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return _MAX_INT
-
-
-def _gpu_memory() -> int:
-    """Bytes of the largest CUDA device; 0 without one (initializes CUDA)."""
-    if not torch.cuda.is_available():
-        return 0
-    return max(
-        torch.cuda.get_device_properties(i).total_memory
-        for i in range(torch.cuda.device_count())
-    )
-
-
-def memory_free(device: torch.device | str = "cpu") -> int:
-    """Bytes that ``device`` can still give: MemAvailable for the CPU (Linux), the
-    free memory of a CUDA device; no limit for other devices or systems."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return _MAX_INT
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return _host_memory()
-
-
-def refuse_if_too_big(
-    need: int, device: torch.device | str, what: str, lower: str
-) -> None:
-    """A :class:`ConfigError` "``what`` needs about X GB ...; lower ``lower``" when
-    ``need`` bytes are more than ``device`` has free."""
-    free = memory_free(device)
-    if need > free:
-        raise ConfigError(
-            f"{what} needs about {format_bytes(need)} of memory, more than the "
-            f"{format_bytes(free)} free on {torch.device(device)}; lower {lower}"
-        )
-
-
-_OOM = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
-
-
-@contextlib.contextmanager
-def memory_guard(need: int, what: str, lower: str) -> Iterator[None]:
-    """Turn an allocation failure inside the block into a :class:`ConfigError`
-    saying that ``what`` needs about ``need`` bytes and to lower ``lower``."""
-    try:
-        yield
-    except (*_OOM, RuntimeError) as err:
-        text = str(err).lower()
-        if not isinstance(err, _OOM) and not (
-            "memory" in text and ("allocate" in text or "out of" in text)
-        ):
-            raise
-        raise ConfigError(
-            f"{what} needs about {format_bytes(need)} of memory, and the allocation "
-            f"failed ({str(err).splitlines()[0][:120]}); lower {lower}"
-        ) from None

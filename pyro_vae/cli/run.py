@@ -2,24 +2,26 @@
 
 ``run(cfg)`` starts a run directory; ``run(cfg, resume=RUN_DIR)`` continues one from
 its ``checkpoint.pt``. At the end of every epoch a snapshot of the training state
-(:mod:`pyro_vae.resume`) is taken; every ``checkpoint_every`` epochs, and at the end,
-it is written atomically. SIGINT (Ctrl-C) and SIGTERM stop training after the current
+(:mod:`pyro_vae.training.state`) is taken; every ``checkpoint_every`` epochs, and at the
+end, it is written atomically. SIGINT (Ctrl-C) and SIGTERM stop training after the
+current
 step: the last epoch's snapshot is written and :class:`Interrupted` carries the exit
 status (130, 143). A non-finite loss stops training the same way, after writing the
 last good snapshot. Resuming restores weights, optimizer and every RNG, so a resumed
 run computes the same numbers as an uninterrupted one.
 
 Inside a process that ``torchrun`` started (``WORLD_SIZE`` > 1) the run is one of
-several data-parallel processes (:mod:`pyro_vae.distributed`): all of them train,
-rank 0 alone writes the run directory, checkpoints, figures and report and runs the
+several data-parallel processes (:mod:`pyro_vae.training.distributed`): all of them
+train, rank 0 alone writes the run directory, checkpoints, figures and report and runs
+the
 final evaluation; the others leave once training is done. A resumed run loads rank
 0's checkpoint on every process; it continues, but is not bit-exact (the processes
 re-seed from the epoch they start at). If a process dies, the others stop with
-:class:`pyro_vae.distributed.DistributedError` and rank 0 writes the last finished
-epoch's checkpoint.
+:class:`pyro_vae.training.distributed.DistributedError` and rank 0 writes the last
+finished epoch's checkpoint.
 
-The checks before training live in :mod:`pyro_vae.preflight`, the end of the run
-(final ELBOs, evaluation, figures, report) in :mod:`pyro_vae.finish`.
+The checks before training live in :mod:`pyro_vae.cli.preflight`, the end of the run
+(final ELBOs, evaluation, figures, report) in :mod:`pyro_vae.cli.finish`.
 """
 
 from __future__ import annotations
@@ -42,26 +44,27 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
-from pyro_vae import distributed, rundir, runlock
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.checkpoint import load_checkpoint
-from pyro_vae.config import FitConfig, resolve_device
+from pyro_vae.cli import rundir, runlock
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig, resolve_device
+from pyro_vae.cli.finish import finish_run
+from pyro_vae.cli.loading import load_run_data, state_mismatch
+from pyro_vae.cli.preflight import check_closed_form_kl, check_support
 from pyro_vae.data import Splits
-from pyro_vae.distributed import DistContext, DistributedError
 from pyro_vae.errors import ConfigError, PyroVAEError
-from pyro_vae.finish import finish_run
-from pyro_vae.loading import load_run_data, state_mismatch
 from pyro_vae.losses import make_objective
-from pyro_vae.preflight import check_closed_form_kl, check_support
-from pyro_vae.resume import restore_rng, snapshot
-from pyro_vae.step import make_optimizer
-from pyro_vae.train import (
+from pyro_vae.training import distributed
+from pyro_vae.training.checkpoint import load_checkpoint
+from pyro_vae.training.distributed import DistContext, DistributedError
+from pyro_vae.training.loop import (
     EpochStats,
     NonFiniteLossError,
     TrainingInterrupted,
     make_elbo,
     train,
 )
+from pyro_vae.training.state import restore_rng, snapshot
+from pyro_vae.training.step import make_optimizer
 
 __all__ = ["Interrupted", "run"]
 

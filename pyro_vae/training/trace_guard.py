@@ -3,7 +3,7 @@
 :func:`torch.jit.trace` records the tensor operations of one call; every Python value
 the model, guide or loss read during that call (a float weight, a flag, a branch) is
 frozen into the graph. Eager Pyro reads them again on every call. The fast step
-(:mod:`pyro_vae.step`) therefore replays a graph only where both agree:
+(:mod:`pyro_vae.training.step`) therefore replays a graph only where both agree:
 
 * **Known code only.** Every class in the loss module's tree, its ELBO, and each
   callable they hold, is pyro_vae's own (the registries' parts), torch's or Pyro's,

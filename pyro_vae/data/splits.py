@@ -248,7 +248,7 @@ def batches(
     With ``dynamic=True`` each batch is a fresh Bernoulli draw from its grey levels.
     The last batch may be smaller; every datum is seen once per pass. ``order``, if
     given, is the sequence of indices to take instead (e.g. one process's shard of
-    the epoch, :meth:`pyro_vae.distributed.DistContext.shard_order`); ``shuffle`` is
+    the epoch, :meth:`pyro_vae.training.distributed.DistContext.shard_order`); ``shuffle`` is
     then ignored.
     """
     n = len(x)

@@ -23,8 +23,8 @@ the sums are added.
 objective is :math:`L = \sum_{n=1}^{N} \ell(x_n)`. The model's ``pyro.plate("data",
 x.shape[0])`` has no subsampling scale, so process ``r``'s Pyro loss is
 :math:`\sum_{x \in B_r} \hat\ell(x)` over its local batch :math:`B_r` of size ``b``,
-and :func:`pyro_vae.train.train` divides it by ``b``. DDP averages the gradients over
-the ``W`` processes:
+and :func:`pyro_vae.training.loop.train` divides it by ``b``. DDP averages the gradients
+over the ``W`` processes:
 
 .. math::
     g = \frac{1}{W} \sum_{r=1}^{W} \frac{1}{b} \sum_{x \in B_r} \nabla \hat\ell(x)
@@ -52,29 +52,32 @@ scalars whose gradients are the step's loss and a stop request; DDP averages the
 the real gradients, so after ``backward()`` every process knows, at no extra
 collective, whether any process saw a non-finite loss (then no process takes the step)
 or caught SIGINT/SIGTERM (then all stop after the same step). On CUDA they are read
-every :data:`pyro_vae.train.SYNC_EVERY` steps, as the single-process loop checks.
+every :data:`pyro_vae.training.loop.SYNC_EVERY` steps, as the single-process loop
+checks.
 
 **Failures.** Every collective has a timeout (:func:`collective_timeout`, default
 :data:`DEFAULT_TIMEOUT_S` seconds, ``PYRO_VAE_DIST_TIMEOUT`` overrides it). A process
 that dies or hangs makes the others fail with :class:`DistributedError`, which names
 the processes found gone and how to resume; checkpoints are written by rank 0 only,
-atomically (:mod:`pyro_vae.checkpoint`).
+atomically (:mod:`pyro_vae.training.checkpoint`).
 
-Its modules, one concern each: :mod:`~pyro_vae.distributed.launch` (starting the
-processes through ``torchrun``), :mod:`~pyro_vae.distributed.context` (joining the
+Its modules, one concern each: :mod:`~pyro_vae.training.distributed.launch` (starting
+the processes through ``torchrun``), :mod:`~pyro_vae.training.distributed.context`
+(joining the
 process group, and the collectives training needs),
-:mod:`~pyro_vae.distributed.failures` (timeouts, and telling a lost process from a
-bug) and :mod:`~pyro_vae.distributed.replica` (the module DDP wraps). This package
+:mod:`~pyro_vae.training.distributed.failures` (timeouts, and telling a lost process
+from a bug) and :mod:`~pyro_vae.training.distributed.replica` (the module DDP wraps).
+This package
 imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
 """
 
-from pyro_vae.distributed.context import DistContext, init_from_env
-from pyro_vae.distributed.failures import (
+from pyro_vae.training.distributed.context import DistContext, init_from_env
+from pyro_vae.training.distributed.failures import (
     DEFAULT_TIMEOUT_S,
     DistributedError,
     collective_timeout,
 )
-from pyro_vae.distributed.launch import (
+from pyro_vae.training.distributed.launch import (
     cpu_cores,
     launch,
     launch_command,

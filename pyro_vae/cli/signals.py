@@ -1,6 +1,6 @@
 """Signals outside training: one line and an exit status, never a traceback.
 
-Training handles SIGINT (Ctrl-C) and SIGTERM itself (:mod:`pyro_vae.session`): it
+Training handles SIGINT (Ctrl-C) and SIGTERM itself (:mod:`pyro_vae.cli.run`): it
 stops after the current step and writes a checkpoint. Everywhere else that ``fit``
 spends time (Python importing torch, loading the data, building the networks, and
 the end of the run: final ELBOs, evaluation, figures, report) :func:`handled` turns

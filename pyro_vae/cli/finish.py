@@ -1,6 +1,6 @@
 """The end of a run: final ELBOs, the importance-sampled evaluation, figures, report.
 
-Called by :mod:`pyro_vae.session` on the process that writes the run directory
+Called by :mod:`pyro_vae.cli.run` on the process that writes the run directory
 (rank 0 under ``--devices``), after training.
 
 The numbers come first: ``metrics.json`` and ``report.md`` are written before any
@@ -9,14 +9,13 @@ figure that cannot be drawn (too few test data, say) is skipped with a note, and
 evaluation that fails is left out with a note; the notes go into ``metrics.json``
 (``notes``), ``report.md`` and, unless ``--quiet``, the terminal. A failed evaluation
 still ends the run with its error, after every other file is written. A signal here
-stops the process at once (:mod:`pyro_vae.signals`); the checkpoint is whole, and
+stops the process at once (:mod:`pyro_vae.cli.signals`); the checkpoint is whole, and
 ``--resume`` redoes the end of the run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,15 +23,16 @@ from pathlib import Path
 import torch
 from torch.nn import Module
 
-from pyro_vae import rundir, signals
-from pyro_vae.config import FitConfig
+from pyro_vae.cli import rundir, signals
+from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.evaluation import evaluate_split, format_summary, latents_line
+from pyro_vae.cli.figures import save_figures
+from pyro_vae.cli.report import build_report
 from pyro_vae.data import Splits, evaluation_split
 from pyro_vae.errors import PyroVAEError
 from pyro_vae.evaluate.latents import latent_diagnostics
-from pyro_vae.evaluate.report import evaluate_split, format_summary, latents_line
-from pyro_vae.figures import save_figures
-from pyro_vae.report import build_report
-from pyro_vae.train import EpochStats, dataset_elbo, make_elbo
+from pyro_vae.files import atomic_write_text
+from pyro_vae.training.loop import EpochStats, dataset_elbo, make_elbo
 
 __all__ = ["finish_run"]
 
@@ -173,6 +173,4 @@ def _save_notes(out: Path, metrics: dict, notes: list[str]) -> None:
     if not notes:
         return
     metrics["notes"] = list(notes)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Load a trained run: its config, its model and guide, and its data.
 
-Like :mod:`pyro_vae.fit`, this is assembly code: it rebuilds the parts by the names
+Like :mod:`pyro_vae.cli.fit`, this is assembly code: it rebuilds the parts by the names
 stored in the run's ``config.json`` and loads their weights from ``checkpoint.pt``.
 """
 
@@ -17,20 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pyro_vae.build import build_model_and_guide
-from pyro_vae.checkpoint import CheckpointError, load_checkpoint
-from pyro_vae.config import (
-    FitConfig,
-    memory_guard,
-    network_params,
-    refuse_if_too_big,
-    resolve_device,
-)
+from pyro_vae.cli.build import build_model_and_guide
+from pyro_vae.cli.config import FitConfig, network_params, resolve_device
+from pyro_vae.cli.generate import reconstruct, sample_prior
 from pyro_vae.data import Splits, binarize_splits
+from pyro_vae.data.sources import load_dataset
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.evaluate.marginal import LogMarginal, log_marginal
-from pyro_vae.generate import reconstruct, sample_prior
-from pyro_vae.sources import load_dataset
+from pyro_vae.memory import memory_guard, refuse_if_too_big
+from pyro_vae.training.checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ["TrainedVAE", "load", "load_run", "load_run_data", "state_mismatch"]
 
@@ -340,7 +335,7 @@ class TrainedVAE:
 
 
 def load(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedVAE:
-    """Load a run directory written by ``pyro_vae.fit`` (``torch.load`` with
+    """Load a run directory written by ``pyro_vae.cli.fit`` (``torch.load`` with
     ``weights_only=True``)."""
     model, guide, cfg, data_dim, image_shape = _load_parts(run_dir, device)
     return TrainedVAE(model, guide, cfg, data_dim, image_shape)
