@@ -55,6 +55,7 @@ from contextlib import contextmanager
 
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.elbo import ELBOModule
 from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
@@ -121,11 +122,12 @@ class Trace_InfoVAE(Trace_ELBO):  # noqa: N801 - Pyro's naming of losses
 
     def __call__(self, model: Callable, guide: Callable) -> torch.nn.Module:
         """The loss as a module of (model, guide), holding the KL weight as a buffer."""
-        module = super().__call__(model, guide)
-        if self.kl_weight is not None:
-            like = next(module.parameters(), self.kl_weight)
-            self.kl_weight = self.kl_weight.to(like.device, like.dtype)
-            module.register_buffer("kl_weight", self.kl_weight, persistent=False)
+        if self.kl_weight is None:
+            return super().__call__(model, guide)
+        module = _WeightedModule(model, guide, self)
+        like = next(module.parameters(), self.kl_weight)
+        self.kl_weight = self.kl_weight.to(like.device, like.dtype)
+        module.register_buffer("kl_weight", self.kl_weight, persistent=False)
         return module
 
     def loss(
@@ -305,6 +307,17 @@ class Trace_InfoVAE(Trace_ELBO):  # noqa: N801 - Pyro's naming of losses
         z_p = prior.rsample() if prior.has_rsample else prior.sample()
         n_represented = z_q.shape[-2] * site["scale"]
         return n_represented * mmd2(z_q, z_p, self.kernel, unbiased=self.unbiased).sum()
+
+
+class _WeightedModule(ELBOModule):
+    """Pyro's ELBO module, keeping the loss's ``kl_weight`` on its buffer when the
+    module is moved (``.to``, ``.double()``), so the trace keeps reading the tensor
+    the warm-up fills."""
+
+    def _apply(self, fn: Callable, *args: object, **kwargs: object) -> torch.nn.Module:
+        module = super()._apply(fn, *args, **kwargs)
+        self.elbo.kl_weight = self.kl_weight
+        return module
 
 
 def _grad_leaves(tensor: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -17,8 +17,13 @@ frozen into the graph. Eager Pyro reads them again on every call. The fast step
   sets ``likelihood.sigma``, or switches ``train()``/``eval()``) makes the step trace
   again rather than replay a stale graph.
 
-Buffers and parameters are not part of the key: the graph reads them anew on every
-replay, so in-place updates (Adam's, or a KL weight's ``fill_``) are seen.
+The values of buffers and parameters are not part of the key: the graph reads them
+anew on every replay, so in-place updates (Adam's, or a KL weight's ``fill_``) are
+seen. Which tensors they are is: one replaced by a new tensor
+(``module.loc = torch.zeros(...)``, ``load_state_dict(assign=True)``) makes a new
+trace. A global module hook (``register_module_forward_hook``) is unknown code: the
+step runs eagerly while one is registered. Note that a trace does not record
+``torch.no_grad()`` blocks: known code must not rely on them for gradients.
 
 This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
 """
@@ -71,6 +76,12 @@ _MODULE_INTERNALS = {
     "_pyro_samples",
     "_pyro_frames",
 }
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
 _HOOKS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -113,16 +124,27 @@ def python_state(loss_fn: torch.nn.Module) -> tuple[Hashable, ...]:
         _Unknown: where the tree holds code this module cannot vouch for (see
             :func:`untraceable_reason`).
     """
-    modules = dict(loss_fn.named_modules())
-    owners = {id(m) for m in modules.values()}
-    lifted = {id(t) for t in loss_fn.buffers()} | {id(p) for p in loss_fn.parameters()}
+    if any(getattr(torch.nn.modules.module, hooks, None) for hooks in _GLOBAL_HOOKS):
+        raise _Unknown("a global module hook is registered (torch.nn.modules.module)")
+    modules = list(loss_fn.named_modules())
+    owners = {id(m) for _, m in modules}
+    lifted = {
+        id(t)
+        for _, m in modules
+        for t in (*m._parameters.values(), *m._buffers.values())
+        if t is not None
+    }
     key: list[Hashable] = []
-    for name, module in modules.items():
+    for name, module in modules:
         where = name or type(loss_fn).__name__
         if not _known(type(module)):
             raise _Unknown(f"{where} is a {_qualname(type(module))}")
         if any(getattr(module, hooks, None) for hooks in _HOOKS):
             raise _Unknown(f"{where} has a forward or backward hook")
+        # which tensors the graph holds: a parameter or buffer replaced by a new
+        # tensor (not updated in place) needs a new trace
+        key.append(tuple((n, id(t)) for n, t in module._parameters.items()))
+        key.append(tuple((n, id(t)) for n, t in module._buffers.items()))
         for attr, value in vars(module).items():
             if attr in _MODULE_INTERNALS:
                 continue
