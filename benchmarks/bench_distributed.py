@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     from pyro_vae.cli.build import build_model_and_guide
     from pyro_vae.cli.config import FitConfig, resolve_device
     from pyro_vae.cli.loading import load_run_data
-    from pyro_vae.training import distributed
+    from pyro_vae.training import Schedule, TrainOptions, distributed
     from pyro_vae.training.loop import make_elbo, train
 
     device = resolve_device(args.device)
@@ -93,16 +93,10 @@ def worker(args: argparse.Namespace) -> None:
         train(
             model,
             guide,
-            splits.train,
-            splits.valid,
+            splits,
+            Schedule(epochs=args.epochs, batch_size=BATCH, lr=1e-3),
             elbo=make_elbo("trace"),
-            epochs=args.epochs,
-            batch_size=BATCH,
-            lr=1e-3,
-            dynamic_binarization=True,
-            should_stop=poll,
-            on_epoch=on_epoch,
-            distributed=ctx,
+            options=TrainOptions(distributed=ctx, should_stop=poll, on_epoch=on_epoch),
         )
         if ctx is not None and not ctx.is_main:
             return

@@ -38,11 +38,11 @@ import torch
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
-from pyro_vae.data import binarize_splits
+from pyro_vae.data import Splits, binarize_splits
 from pyro_vae.data.sources import load_dataset
 from pyro_vae.errors import PyroVAEError
 from pyro_vae.evaluate import check_consistency, log_marginal
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, make_elbo, train
 
 BURDA = {"hidden": (200, 200), "activation": "tanh"}
 SUITES = {
@@ -77,13 +77,9 @@ def run_config(name, options, splits, args):
     history, _ = train(
         model,
         guide,
-        splits.train,
-        splits.valid[:1000],
+        Splits.of(splits.train, splits.valid[:1000], binarization=splits.binarization),
+        Schedule(epochs=args.epochs, batch_size=cfg.batch_size, lr=1e-3),
         elbo=make_elbo("trace"),
-        epochs=args.epochs,
-        batch_size=cfg.batch_size,
-        lr=1e-3,
-        dynamic_binarization=BINARIZATION[args.suite] == "dynamic",
     )
     train_seconds = time.perf_counter() - started
     model.eval(), guide.eval()

@@ -54,9 +54,9 @@ from pyro.infer import (
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
-from pyro_vae.data import batches, binarize_splits
+from pyro_vae.data import Splits, batches, binarize_splits
 from pyro_vae.data.sources import _stage_idx_files, load_dataset
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, TrainOptions, make_elbo, train
 from pyro_vae.training.step import StepLoss, make_optimizer
 
 LATENT = 50
@@ -226,8 +226,8 @@ def time_steps(device, b, args) -> list[dict]:
 def _product_row(device, b, x, args) -> dict:
     model, guide = _parts(device)
     timer = StepTimer(device)
-    train(model, guide, x, x[:b], elbo=make_elbo("trace"), epochs=1, batch_size=b,
-          lr=1e-3, should_stop=timer)  # fmt: skip
+    train(model, guide, Splits.of(x, x[:b]), Schedule(epochs=1, batch_size=b, lr=1e-3),
+          elbo=make_elbo("trace"), options=TrainOptions(should_stop=timer))  # fmt: skip
     row = {
         "path": "pyro_vae train()",
         "ms": timer.median_ms(args.warmup),
@@ -268,8 +268,9 @@ def time_epochs(args) -> list[dict]:
 def _epoch_pyro_vae(x) -> float:
     """The second epoch of a run: the first also validates and traces (once)."""
     model, guide = _parts("cpu", hidden=(512,))
-    history, _ = train(model, guide, x, x[:128], elbo=make_elbo("trace"), epochs=2,
-                       batch_size=128, lr=1e-3)  # fmt: skip
+    history, _ = train(model, guide, Splits.of(x, x[:128]),
+                       Schedule(epochs=2, batch_size=128, lr=1e-3),
+                       elbo=make_elbo("trace"))  # fmt: skip
     return history[-1].seconds
 
 

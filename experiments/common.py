@@ -15,8 +15,9 @@ import torch
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
+from pyro_vae.data import Splits
 from pyro_vae.losses import infovae_preset, make_kernel
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, make_elbo, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -61,14 +62,10 @@ def fit(
     history, _ = train(
         model,
         guide,
-        x_train,
-        x_valid,
+        Splits.of(x_train, x_valid, binarization="dynamic" if dynamic else "none"),
+        Schedule(epochs=epochs, batch_size=batch_size, lr=lr),
         elbo=make_elbo("trace"),
         objective=objective,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        dynamic_binarization=dynamic,
     )
     model.eval(), guide.eval()
     return model, guide, history

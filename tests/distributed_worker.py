@@ -42,7 +42,7 @@ def _context():
 
 
 def _train(seed, epochs, ctx, batch_size=100, model_and_guide=None):
-    from pyro_vae.training.loop import make_elbo, train
+    from pyro_vae.training.loop import Schedule, TrainOptions, make_elbo, train
 
     pyro.settings.set(module_local_params=True)
     pyro.set_rng_seed(seed)
@@ -57,14 +57,10 @@ def _train(seed, epochs, ctx, batch_size=100, model_and_guide=None):
     history, _ = train(
         model,
         guide,
-        splits.train,
-        splits.valid,
+        splits,
+        Schedule(epochs=epochs, batch_size=batch_size, lr=3e-3),
         elbo=make_elbo("trace"),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=3e-3,
-        dynamic_binarization=True,
-        distributed=ctx,
+        options=TrainOptions(distributed=ctx),
     )
     return model, guide, history
 

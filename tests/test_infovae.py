@@ -45,7 +45,7 @@ from pyro_vae.losses import (
     mmd2,
 )
 from pyro_vae.models import VAE, BernoulliLikelihood, LinearGaussian, mlp_decoder
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, make_elbo, train
 
 # ---------------------------------------------------------------------------------
 # 1. Kernels and MMD²
@@ -512,14 +512,10 @@ def test_short_mmd_vae_run_leaves_q_z_closer_to_the_prior_than_the_elbo():
         train(
             model,
             guide,
-            splits.train,
-            splits.valid,
+            splits,
+            Schedule(epochs=20, batch_size=100, lr=1e-3),
             elbo=make_elbo("trace"),
-            epochs=20,
-            batch_size=100,
-            lr=1e-3,
             objective=objective,
-            dynamic_binarization=True,
         )
         runs = [
             latent_diagnostics(model, guide, splits.test, seed=s) for s in range(16)

@@ -18,9 +18,17 @@ from pyro import poutine
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
 from pyro_vae.cli.fit import main
+from pyro_vae.data import Splits
 from pyro_vae.errors import ConfigError
 from pyro_vae.losses import Trace_InfoVAE, infovae_preset
-from pyro_vae.training.loop import kl_weight_at, make_elbo, train
+from pyro_vae.training.loop import (
+    Schedule,
+    TrainOptions,
+    kl_weight_at,
+    make_elbo,
+    train,
+)
+from pyro_vae.training.step import StepLoss
 
 TINY = ["--hidden", "32", "--latent-dim", "3", "--quiet", "--eval-k", "0"]
 
@@ -77,15 +85,11 @@ def _train(jit, warmup=2.0, epochs=3):
     history, _ = train(
         model,
         guide,
-        x,
-        x[:20],
+        Splits.of(x, x[:20]),
+        Schedule(epochs=epochs, batch_size=20, lr=1e-2, kl_warmup=warmup),
         elbo=make_elbo("trace"),
         objective=objective,
-        kl_warmup=warmup,
-        epochs=epochs,
-        batch_size=20,
-        lr=1e-2,
-        jit=jit,
+        options=TrainOptions(jit=jit),
     )
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     return history, params, objective
@@ -103,12 +107,9 @@ def test_the_traced_step_reads_the_weight_every_step():
     train(
         model,
         guide,
-        x,
-        x[:20],
+        Splits.of(x, x[:20]),
+        Schedule(epochs=3, batch_size=20, lr=1e-2),
         elbo=make_elbo("trace"),
-        epochs=3,
-        batch_size=20,
-        lr=1e-2,
     )
     plain = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (plain - eager).abs().max() > 1e-3
@@ -133,13 +134,9 @@ def test_kl_warmup_needs_a_kl_term_and_the_monte_carlo_kl():
         train(
             model,
             guide,
-            _data(),
-            _data(20),
+            Splits.of(_data(), _data(20)),
+            Schedule(epochs=1, batch_size=20, lr=1e-2, kl_warmup=2),
             elbo=make_elbo("trace"),
-            kl_warmup=2,
-            epochs=1,
-            batch_size=20,
-            lr=1e-2,
         )
 
 
@@ -161,3 +158,19 @@ def test_cli_warmup_resumes_exactly(tmp_path):
     # epoch 1 weighs the KL by 0.25 on average: the objective lies below -ELBO
     assert float(rows[0]["train_loss"]) < -float(rows[0]["train_elbo"]) - 0.1
     assert json.loads((straight / "config.json").read_text())["kl_warmup"] == 2.0
+
+
+def test_a_moved_loss_module_keeps_reading_the_weight_it_is_given():
+    """.double() after building: the warm-up's fill reaches the traced graph."""
+    pyro.set_rng_seed(0)
+    model, guide = build_model_and_guide(FitConfig(latent_dim=3, hidden=(16,)), 64)
+    objective = Trace_InfoVAE(0.0, 1.0, kl_warmup=True, max_plate_nesting=1)
+    module = objective(model.float(), guide.float()).double()
+    assert objective.kl_weight is module.kl_weight
+    assert objective.kl_weight.dtype == torch.float64
+    step = StepLoss(module)
+    x = _data(8)
+    for i in range(12):
+        objective.kl_weight.fill_(i / 12)
+        step(x)
+    assert step.jit and len(step._graphs) == 1

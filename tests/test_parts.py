@@ -20,12 +20,13 @@ from torch import nn
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
+from pyro_vae.data import Splits
 from pyro_vae.data.sources import load_dataset
 from pyro_vae.evaluate import check_consistency, log_marginal, log_weights
 from pyro_vae.guides import ENCODERS, GUIDES
 from pyro_vae.models import LIKELIHOODS, PRIORS, VAE, GaussianLikelihood
 from pyro_vae.training.checkpoint import load_checkpoint, save_checkpoint
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, make_elbo, train
 
 N_TRAIN, N_EVAL, K = 200, 20, 64
 
@@ -70,12 +71,9 @@ def test_part_trains_evaluates_and_round_trips(case, digits, tmp_path):
     history, _ = train(
         model,
         guide,
-        x_train,
-        x_eval,
+        Splits.of(x_train, x_eval),
+        Schedule(epochs=2, batch_size=50, lr=1e-3),
         elbo=make_elbo("trace"),
-        epochs=2,
-        batch_size=50,
-        lr=1e-3,
     )
     assert all(
         math.isfinite(h.train_elbo) and math.isfinite(h.valid_elbo) for h in history
@@ -128,12 +126,9 @@ def test_user_prior_on_the_linear_gaussian_oracle():
     history, _ = train(
         model,
         guide,
-        x,
-        x[:50],
+        Splits.of(x, x[:50]),
+        Schedule(epochs=40, batch_size=50, lr=1e-2),
         elbo=make_elbo("trace"),
-        epochs=40,
-        batch_size=50,
-        lr=1e-2,
     )
     assert history[-1].valid_elbo > history[0].valid_elbo + 1.0
     assert model.prior.m.grad is not None  # the user's parameters trained

@@ -24,10 +24,10 @@ from hypothesis.extra import numpy as hnp
 
 import pyro_vae
 from pyro_vae.cli.fit import main
-from pyro_vae.data import check_images
+from pyro_vae.data import Splits, check_images
 from pyro_vae.errors import DataError
 from pyro_vae.training.checkpoint import load_checkpoint
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, make_elbo, train
 
 TINY = ["--hidden", "32", "--latent-dim", "3", "--quiet", "--eval-k", "20"]
 
@@ -158,26 +158,19 @@ def test_grad_clip_bounds_the_global_norm(tmp_path):
     train(
         model,
         guide,
-        x,
-        x[:10],
+        Splits.of(x, x[:10]),
+        Schedule(epochs=1, batch_size=50, lr=1e-3, grad_clip=0.5),
         elbo=make_elbo("trace"),
-        epochs=1,
-        batch_size=50,
-        lr=1e-3,
         optimizer=optimizer,
-        grad_clip=0.5,
     )
     assert len(norms) == 2 and max(norms) <= 0.5 * (1 + 1e-5)
     norms.clear()
     train(
         model,
         guide,
-        x,
-        x[:10],
+        Splits.of(x, x[:10]),
+        Schedule(epochs=1, batch_size=50, lr=1e-3),
         elbo=make_elbo("trace"),
-        epochs=1,
-        batch_size=50,
-        lr=1e-3,
         optimizer=optimizer,
     )
     assert max(norms) > 0.5  # unclipped, the ELBO's gradient is far larger

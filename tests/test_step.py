@@ -20,9 +20,9 @@ from pyro.nn import PyroModule
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
-from pyro_vae.data import batches
+from pyro_vae.data import Splits, batches
 from pyro_vae.losses import make_objective
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, make_elbo, train
 from pyro_vae.training.step import StepLoss, make_optimizer
 
 PARTS = {
@@ -148,12 +148,9 @@ def test_fast_training_ends_where_the_plain_trace_elbo_loop_ends():
     history, _ = train(
         model,
         guide,
-        x,
-        x[:16],
+        Splits.of(x, x[:16]),
+        Schedule(epochs=2, batch_size=16, lr=1e-2),
         elbo=make_elbo("trace"),
-        epochs=2,
-        batch_size=16,
-        lr=1e-2,
     )
     fast = [
         p.detach().clone() for p in torch.nn.ModuleList([model, guide]).parameters()

@@ -17,9 +17,10 @@ from pyro import poutine
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
+from pyro_vae.data import Splits
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import LIKELIHOODS, PRIORS, VAE
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, TrainOptions, make_elbo, train
 from pyro_vae.training.step import StepLoss, make_optimizer
 from pyro_vae.training.trace_guard import python_state, untraceable_reason
 
@@ -65,14 +66,10 @@ def _train_warmup(jit):
     train(
         model,
         guide,
-        x.double(),
-        x[:20].double(),
+        Splits.of(x.double(), x[:20].double()),
+        Schedule(epochs=3, batch_size=20, lr=1e-2),
         elbo=make_elbo("trace"),
-        epochs=3,
-        batch_size=20,
-        lr=1e-2,
-        on_epoch=raise_weight,
-        jit=jit,
+        options=TrainOptions(jit=jit, on_epoch=raise_weight),
     )
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -206,3 +203,36 @@ def test_a_user_warning_raised_while_tracing_reaches_the_user():
         step(torch.randn(4, 3))
     notes = [w for w in caught if "my model's own note" in str(w.message)]
     assert len(notes) >= 2 and step._graphs  # validation's call and the trace's
+
+
+def _prior_swap_losses(jit):
+    pyro.set_rng_seed(0)
+    model, guide = build_model_and_guide(FitConfig(latent_dim=2, hidden=(8,)), 16)
+    step = StepLoss(make_elbo("trace")(model, guide), jit=jit)
+    x = torch.bernoulli(torch.rand(6, 16, generator=torch.Generator().manual_seed(4)))
+    pyro.set_rng_seed(9)
+    losses = [step(x).item()]
+    model.prior.loc = torch.full((2,), 3.0)  # a new tensor, not an in-place update
+    losses += [step(x).item(), step(x).item()]
+    return losses, step
+
+
+def test_a_buffer_replaced_by_a_new_tensor_retraces():
+    eager, _ = _prior_swap_losses(jit=False)
+    traced, step = _prior_swap_losses(jit="auto")
+    assert traced == pytest.approx(eager, rel=1e-6)
+    assert len(step._graphs) == 2
+    assert abs(eager[1] - eager[0]) > 1.0  # the swap mattered: the test can fail
+
+
+def test_a_global_module_hook_makes_the_step_eager():
+    pyro.set_rng_seed(0)
+    model, guide = build_model_and_guide(FitConfig(latent_dim=2, hidden=(8,)), 16)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert "global module hook" in untraceable_reason(
+            make_elbo("trace")(model, guide)
+        )
+    finally:
+        handle.remove()
+    assert untraceable_reason(make_elbo("trace")(model, guide)) is None

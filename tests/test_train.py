@@ -10,9 +10,16 @@ from pyro.nn import PyroModule
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
-from pyro_vae.data import binarize_splits
+from pyro_vae.data import Splits, binarize_splits
 from pyro_vae.data.sources import load_dataset
-from pyro_vae.training.loop import NonFiniteLossError, dataset_elbo, make_elbo, train
+from pyro_vae.training.loop import (
+    NonFiniteLossError,
+    Schedule,
+    TrainOptions,
+    dataset_elbo,
+    make_elbo,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +36,9 @@ def _fit(digits, epochs, seed=0):
     history, _ = train(
         model,
         guide,
-        digits.train,
-        digits.valid,
+        digits,
+        Schedule(epochs=epochs, batch_size=100, lr=1e-3),
         elbo=elbo,
-        epochs=epochs,
-        batch_size=100,
-        lr=1e-3,
-        dynamic_binarization=True,
     )
     return init, history
 
@@ -94,14 +97,11 @@ def test_non_finite_loss_stops_before_the_step():
         train(
             model,
             _empty_guide,
-            x,
-            x,
+            Splits.of(x, x),
+            Schedule(epochs=5, batch_size=8, lr=0.1),
             elbo=make_elbo("trace"),
-            epochs=5,
-            batch_size=8,
-            lr=0.1,
-            on_epoch=remember,
-            jit=False,  # the NaN comes from Python state, which a trace would freeze
+            # the NaN comes from Python state, which a trace would freeze
+            options=TrainOptions(jit=False, on_epoch=remember),
         )
     # Calls: step 1, the epoch-1 validation pass, then step 2 (epoch 2) is NaN;
     # the weights are those after step 1, not NaN.
@@ -132,12 +132,9 @@ def test_traced_step_still_stops_on_a_nan():
         train(
             model,
             _empty_guide,
-            x,
-            x,
+            Splits.of(x, x),
+            Schedule(epochs=3, batch_size=8, lr=0.1),
             elbo=make_elbo("trace"),
-            epochs=3,
-            batch_size=8,
-            lr=0.1,
-            on_epoch=poison,
+            options=TrainOptions(on_epoch=poison),
         )
     assert torch.isnan(model.w[0]) and torch.isfinite(model.w[1:]).all()

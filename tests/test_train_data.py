@@ -8,10 +8,10 @@ import torch
 
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig
-from pyro_vae.data import binarize_splits
+from pyro_vae.data import Splits, binarize_splits
 from pyro_vae.data.sources import load_dataset
 from pyro_vae.errors import DataError
-from pyro_vae.training.loop import make_elbo, train
+from pyro_vae.training.loop import Schedule, make_elbo, train
 
 
 def _parts():
@@ -34,7 +34,7 @@ def _params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-SCHEDULE = {"elbo": None, "epochs": 2, "batch_size": 50, "lr": 1e-2}
+SCHEDULE = Schedule(epochs=2, batch_size=50, lr=1e-2)
 
 
 def test_splits_bring_their_binarization():
@@ -44,18 +44,11 @@ def test_splits_bring_their_binarization():
     for form in ("splits", "tensors"):
         model, guide = _parts()
         pyro.set_rng_seed(1)
-        schedule = {**SCHEDULE, "elbo": make_elbo("trace")}
         if form == "splits":
-            train(model, guide, splits, **schedule)
+            data = splits
         else:
-            train(
-                model,
-                guide,
-                splits.train,
-                splits.valid,
-                **schedule,
-                dynamic_binarization=True,
-            )
+            data = Splits.of(splits.train, splits.valid, binarization="dynamic")
+        train(model, guide, data, SCHEDULE, elbo=make_elbo("trace"))
         runs.append(_params(model))
     assert torch.equal(*runs)
 
@@ -64,26 +57,18 @@ def test_forgetting_binarization_is_named_as_a_support_error():
     splits = _splits("none")  # grey levels in [0, 1] under a Bernoulli likelihood
     model, guide = _parts()
     with pytest.raises(DataError, match="outside the support.*binariz"):
-        train(
-            model,
-            guide,
-            splits.train,
-            splits.valid,
-            **{**SCHEDULE, "elbo": make_elbo("trace")},
-        )
+        data = Splits.of(splits.train, splits.valid)
+        train(model, guide, data, SCHEDULE, elbo=make_elbo("trace"))
     with pytest.raises(DataError, match="outside the support"):
-        train(model, guide, splits, **{**SCHEDULE, "elbo": make_elbo("trace")})
+        train(model, guide, splits, SCHEDULE, elbo=make_elbo("trace"))
 
 
-def test_splits_refuse_contradictions():
+def test_train_takes_splits_of_a_known_binarization():
     splits = _splits("static")
     model, guide = _parts()
-    schedule = {**SCHEDULE, "elbo": make_elbo("trace")}
-    with pytest.raises(ValueError, match="contradicts the splits"):
-        train(model, guide, splits, dynamic_binarization=True, **schedule)
-    with pytest.raises(ValueError, match="pass one or the other"):
-        train(model, guide, splits, splits.valid, **schedule)
-    with pytest.raises(ValueError, match="needs valid_x"):
-        train(model, guide, splits.train, **schedule)
+    with pytest.raises(TypeError, match=r"Splits\.of"):
+        train(model, guide, splits.train, SCHEDULE, elbo=make_elbo("trace"))
+    with pytest.raises(DataError, match="unknown binarization"):
+        Splits.of(splits.train, splits.valid, binarization="yes")
     with pytest.raises(DataError, match="already binarized"):
         binarize_splits(splits, "dynamic")

@@ -131,125 +131,13 @@ class FitConfig:
     quiet: bool = _f(False, "no progress bar and no summary table")
 
     def __post_init__(self) -> None:
+        """Check every setting; raise :class:`ConfigError` naming the first bad one."""
         _check_types(self)
-        checks = [
-            (
-                0 <= self.seed <= MAX_SEED,
-                f"--seed must be an integer from 0 to 2**32 - 1 = {MAX_SEED} "
-                f"(numpy's seed range), got {self.seed}",
-            ),
-            (
-                self.epochs <= MAX_EPOCHS,
-                f"--epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}",
-            ),
-            *(
-                (
-                    getattr(self, f.name) <= _MAX_INT,
-                    f"--{f.name.replace('_', '-')} {getattr(self, f.name)} is too "
-                    f"large; it must be at most 2**63 - 1",
-                )
-                for f in dataclasses.fields(self)
-                if isinstance(f.default, int)
-                and not isinstance(f.default, bool)
-                and f.name not in ("seed", "epochs")
-            ),
-            *(
-                (
-                    value is None or value.strip() != "",
-                    f"--{name.replace('_', '-')} is an empty string; give a path, or "
-                    "leave the flag out",
-                )
-                for name, value in (
-                    ("data_dir", self.data_dir),
-                    ("data_path", self.data_path),
-                    ("out", self.out),
-                )
-            ),
-            (self.latent_dim >= 1, f"--latent-dim must be >= 1, got {self.latent_dim}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (
-                self.eval_k == 0 or self.eval_k >= 2,
-                f"--eval-k must be 0 (skip) or >= 2, got {self.eval_k}",
-            ),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (
-                self.lr > 0 and math.isfinite(self.lr),
-                f"--lr must be a positive finite number, got {self.lr}",
-            ),
-            (
-                self.num_particles >= 1,
-                f"--num-particles must be >= 1, got {self.num_particles}",
-            ),
-            (
-                0 < self.valid_fraction < 1,
-                f"--valid-fraction must lie in (0, 1), got {self.valid_fraction}",
-            ),
-            (
-                all(w >= 1 for w in self.hidden),
-                f"--hidden widths must be positive, got {self.hidden}",
-            ),
-            (
-                1e-6 <= self.sigma < math.inf,
-                f"--sigma must be at least 1e-6 and finite, got {self.sigma}",
-            ),
-            (
-                self.elbo in ("trace", "meanfield"),
-                f"--elbo must be trace or meanfield, got {self.elbo!r}",
-            ),
-            (
-                min(self.components, self.pseudo_inputs, self.rank) >= 1,
-                "--components, --pseudo-inputs and --rank must be >= 1, got "
-                f"{self.components}, {self.pseudo_inputs}, {self.rank}",
-            ),
-            (self.flow_steps >= 0, f"--flow-steps must be >= 0, got {self.flow_steps}"),
-            (
-                0 < self.df < math.inf,
-                f"--df must be positive and finite, got {self.df}",
-            ),
-            (
-                self.checkpoint_every >= 1,
-                f"--checkpoint-every must be >= 1, got {self.checkpoint_every}",
-            ),
-            (
-                0 <= self.grad_clip < math.inf,
-                f"--grad-clip must be >= 0 (0 is off), got {self.grad_clip}",
-            ),
-            (
-                self.beta >= 0 and math.isfinite(self.beta),
-                f"--beta must be >= 0, got {self.beta}",
-            ),
-            (
-                math.isfinite(self.alpha) and math.isfinite(self.lam),
-                f"--alpha and --lam must be finite, got {self.alpha}, {self.lam}",
-            ),
-            (
-                0 <= self.kl_warmup < math.inf,
-                f"--kl-warmup must be a number of epochs >= 0, got {self.kl_warmup}",
-            ),
-            (
-                not self.kl_warmup or self.loss not in ("mmd-vae", "ae"),
-                f"--kl-warmup weighs the KL term, and --loss {self.loss} has none "
-                "(alpha = 1); drop --kl-warmup or use elbo, beta-vae or infovae",
-            ),
-            (
-                not self.kl_warmup or self.elbo == "trace",
-                "--kl-warmup weighs the Monte Carlo KL of Trace_ELBO; use --elbo "
-                "trace with it",
-            ),
-            (self.devices >= 1, f"--devices must be >= 1, got {self.devices}"),
-            (self.num_nodes >= 1, f"--num-nodes must be >= 1, got {self.num_nodes}"),
-            (
-                self.batch_size % max(1, self.devices * self.num_nodes) == 0,
-                f"--batch-size {self.batch_size} is the global batch and must divide "
-                f"by the {self.devices * self.num_nodes} processes (--devices x "
-                "--num-nodes)",
-            ),
-            (
-                self.devices * self.num_nodes == 1 or ":" not in self.device,
-                f"--device {self.device} names one GPU; with several processes use "
-                "--device cuda (each process takes cuda:LOCAL_RANK) or auto",
-            ),
-        ]
+        checks = (
+            *_limit_checks(self),
+            *_range_checks(self),
+            *_combination_checks(self),
+        )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -339,6 +227,140 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
             f"{given}: there are only {torch.cuda.device_count()} CUDA devices"
         )
     return device
+
+
+def _limit_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for the seed, the epochs, integer sizes and empty paths."""
+    return [
+        (
+            0 <= cfg.seed <= MAX_SEED,
+            f"--seed must be an integer from 0 to 2**32 - 1 = {MAX_SEED} "
+            f"(numpy's seed range), got {cfg.seed}",
+        ),
+        (
+            cfg.epochs <= MAX_EPOCHS,
+            f"--epochs must be at most {MAX_EPOCHS:,}, got {cfg.epochs:,}",
+        ),
+        *(
+            (
+                getattr(cfg, f.name) <= _MAX_INT,
+                f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} is too "
+                f"large; it must be at most 2**63 - 1",
+            )
+            for f in dataclasses.fields(cfg)
+            if isinstance(f.default, int)
+            and not isinstance(f.default, bool)
+            and f.name not in ("seed", "epochs")
+        ),
+        *(
+            (
+                value is None or value.strip() != "",
+                f"--{name.replace('_', '-')} is an empty string; give a path, or "
+                "leave the flag out",
+            )
+            for name, value in (
+                ("data_dir", cfg.data_dir),
+                ("data_path", cfg.data_path),
+                ("out", cfg.out),
+            )
+        ),
+    ]
+
+
+def _range_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for each number that must lie in a range."""
+    return [
+        (cfg.latent_dim >= 1, f"--latent-dim must be >= 1, got {cfg.latent_dim}"),
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (
+            cfg.eval_k == 0 or cfg.eval_k >= 2,
+            f"--eval-k must be 0 (skip) or >= 2, got {cfg.eval_k}",
+        ),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (
+            cfg.lr > 0 and math.isfinite(cfg.lr),
+            f"--lr must be a positive finite number, got {cfg.lr}",
+        ),
+        (
+            cfg.num_particles >= 1,
+            f"--num-particles must be >= 1, got {cfg.num_particles}",
+        ),
+        (
+            0 < cfg.valid_fraction < 1,
+            f"--valid-fraction must lie in (0, 1), got {cfg.valid_fraction}",
+        ),
+        (
+            all(w >= 1 for w in cfg.hidden),
+            f"--hidden widths must be positive, got {cfg.hidden}",
+        ),
+        (
+            1e-6 <= cfg.sigma < math.inf,
+            f"--sigma must be at least 1e-6 and finite, got {cfg.sigma}",
+        ),
+        (
+            cfg.elbo in ("trace", "meanfield"),
+            f"--elbo must be trace or meanfield, got {cfg.elbo!r}",
+        ),
+        (
+            min(cfg.components, cfg.pseudo_inputs, cfg.rank) >= 1,
+            "--components, --pseudo-inputs and --rank must be >= 1, got "
+            f"{cfg.components}, {cfg.pseudo_inputs}, {cfg.rank}",
+        ),
+        (cfg.flow_steps >= 0, f"--flow-steps must be >= 0, got {cfg.flow_steps}"),
+        (
+            0 < cfg.df < math.inf,
+            f"--df must be positive and finite, got {cfg.df}",
+        ),
+        (
+            cfg.checkpoint_every >= 1,
+            f"--checkpoint-every must be >= 1, got {cfg.checkpoint_every}",
+        ),
+        (
+            0 <= cfg.grad_clip < math.inf,
+            f"--grad-clip must be >= 0 (0 is off), got {cfg.grad_clip}",
+        ),
+        (
+            cfg.beta >= 0 and math.isfinite(cfg.beta),
+            f"--beta must be >= 0, got {cfg.beta}",
+        ),
+        (
+            math.isfinite(cfg.alpha) and math.isfinite(cfg.lam),
+            f"--alpha and --lam must be finite, got {cfg.alpha}, {cfg.lam}",
+        ),
+        (
+            0 <= cfg.kl_warmup < math.inf,
+            f"--kl-warmup must be a number of epochs >= 0, got {cfg.kl_warmup}",
+        ),
+    ]
+
+
+def _combination_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for flags that must agree: warm-up, loss, processes."""
+    return [
+        (
+            not cfg.kl_warmup or cfg.loss not in ("mmd-vae", "ae"),
+            f"--kl-warmup weighs the KL term, and --loss {cfg.loss} has none "
+            "(alpha = 1); drop --kl-warmup or use elbo, beta-vae or infovae",
+        ),
+        (
+            not cfg.kl_warmup or cfg.elbo == "trace",
+            "--kl-warmup weighs the Monte Carlo KL of Trace_ELBO; use --elbo "
+            "trace with it",
+        ),
+        (cfg.devices >= 1, f"--devices must be >= 1, got {cfg.devices}"),
+        (cfg.num_nodes >= 1, f"--num-nodes must be >= 1, got {cfg.num_nodes}"),
+        (
+            cfg.batch_size % max(1, cfg.devices * cfg.num_nodes) == 0,
+            f"--batch-size {cfg.batch_size} is the global batch and must divide "
+            f"by the {cfg.devices * cfg.num_nodes} processes (--devices x "
+            "--num-nodes)",
+        ),
+        (
+            cfg.devices * cfg.num_nodes == 1 or ":" not in cfg.device,
+            f"--device {cfg.device} names one GPU; with several processes use "
+            "--device cuda (each process takes cuda:LOCAL_RANK) or auto",
+        ),
+    ]
 
 
 def _check_types(cfg: FitConfig) -> None:

@@ -79,20 +79,8 @@ def save_figures(
     skipped = [] if notes is None else notes
 
     def draw(name: str, make: Callable[[Path], Path], needs: str | None = None) -> None:
-        path = figures / f"{name}.png"
-        try:
-            if needs is not None:
-                raise _Skip(needs)
-            drawn.append(make(path))
-        except _Skip as why:
-            path.unlink(missing_ok=True)  # an older run's figure would mislead
-            skipped.append(f"{path.name} not drawn: {why}")
-        except Exception as err:  # one figure never costs the others, or the run
-            path.unlink(missing_ok=True)
-            first = (str(err).strip().splitlines() or [""])[0]
-            skipped.append(
-                f"{path.name} not drawn: it failed ({type(err).__name__}: {first})"
-            )
+        """Draw ``figures/NAME.png`` with ``make``, or note why it is not drawn."""
+        _draw_one(figures / f"{name}.png", make, needs, drawn, skipped)
 
     draw(
         "reconstructions",
@@ -101,13 +89,7 @@ def save_figures(
     draw("samples", lambda p: plots.plot_samples(_prior_means(model, x), shape, p))
     draw(
         "elbo",
-        lambda p: plots.plot_elbo(
-            [h.epoch for h in history],
-            [h.train_elbo for h in history],
-            [h.valid_elbo for h in history],
-            p,
-            log_px=log_px,
-        ),
+        lambda p: _plot_history(history, log_px, p),
         needs=None if history else "no training history (history.csv is empty)",
     )
     z_dim = encode_mean(guide, x[:1]).shape[-1]
@@ -120,13 +102,7 @@ def save_figures(
         if len(splits.test) >= 3 or z_dim <= 2
         else f"it needs at least 3 test data, the test split has {len(splits.test)}",
     )
-
-    def denoising(path: Path) -> Path:
-        noisy, how = add_noise(x[:16], gen)
-        rec = reconstruct(model, guide, noisy)
-        return plots.plot_denoising(x[:16], noisy, rec, shape, path, noise=how)
-
-    draw("denoising", denoising)
+    draw("denoising", lambda p: _denoising(model, guide, x[:16], gen, shape, p))
     pairs = min(4, len(x) // 2)
     draw(
         "interpolation",
@@ -140,18 +116,73 @@ def save_figures(
         else f"it needs two test data, the test split has {len(splits.test)}",
     )
     if z_dim == 2:
-
-        def manifold(path: Path) -> Path:
-            q = torch.linspace(0.05, 0.95, MANIFOLD_SIDE).to(x)
-            values = torch.distributions.Normal(0.0, 1.0).icdf(q)
-            z1, z2 = torch.meshgrid(values, values.flip(0), indexing="xy")
-            grid = torch.stack([z1.flatten(), z2.flatten()], dim=-1)
-            return plots.plot_manifold(
-                decode(model, grid, splits.data_dim), shape, path
-            )
-
-        draw("manifold", manifold)
+        draw("manifold", lambda p: _manifold(model, x, splits.data_dim, shape, p))
     return drawn
+
+
+def _draw_one(
+    path: Path,
+    make: Callable[[Path], Path],
+    needs: str | None,
+    drawn: list[Path],
+    skipped: list[str],
+) -> None:
+    """Draw a figure into ``drawn``, or remove its old copy and note why not."""
+    try:
+        if needs is not None:
+            raise _Skip(needs)
+        drawn.append(make(path))
+    except _Skip as why:
+        path.unlink(missing_ok=True)  # an older run's figure would mislead
+        skipped.append(f"{path.name} not drawn: {why}")
+    except Exception as err:  # one figure never costs the others, or the run
+        path.unlink(missing_ok=True)
+        first = (str(err).strip().splitlines() or [""])[0]
+        skipped.append(
+            f"{path.name} not drawn: it failed ({type(err).__name__}: {first})"
+        )
+
+
+def _plot_history(
+    history: list[EpochStats], log_px: tuple[float, float] | None, path: Path
+) -> Path:
+    """The train and validation ELBO per epoch, with the test log p̂(x) if given."""
+    return plots.plot_elbo(
+        [h.epoch for h in history],
+        [h.train_elbo for h in history],
+        [h.valid_elbo for h in history],
+        path,
+        log_px=log_px,
+    )
+
+
+def _denoising(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    gen: torch.Generator,
+    shape: tuple[int, ...],
+    path: Path,
+) -> Path:
+    """``x``, a noisy copy and the reconstruction of the noisy copy."""
+    noisy, how = add_noise(x, gen)
+    rec = reconstruct(model, guide, noisy)
+    return plots.plot_denoising(x, noisy, rec, shape, path, noise=how)
+
+
+def _manifold(
+    model: Callable,
+    x: torch.Tensor,
+    data_dim: int,
+    shape: tuple[int, ...],
+    path: Path,
+) -> Path:
+    """A grid of 2-d prior quantiles, decoded (``x`` gives dtype and device)."""
+    q = torch.linspace(0.05, 0.95, MANIFOLD_SIDE).to(x)
+    values = torch.distributions.Normal(0.0, 1.0).icdf(q)
+    z1, z2 = torch.meshgrid(values, values.flip(0), indexing="xy")
+    grid = torch.stack([z1.flatten(), z2.flatten()], dim=-1)
+    return plots.plot_manifold(decode(model, grid, data_dim), shape, path)
 
 
 class _Skip(Exception):

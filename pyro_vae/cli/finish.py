@@ -1,7 +1,7 @@
 """The end of a run: final ELBOs, the importance-sampled evaluation, figures, report.
 
 Called by :mod:`pyro_vae.cli.run` on the process that writes the run directory
-(rank 0 under ``--devices``), after training.
+(rank 0 under ``--devices``), after training, with the :class:`TrainedRun` it made.
 
 The numbers come first: ``metrics.json`` and ``report.md`` are written before any
 figure is drawn, so nothing that fails later (a figure, a signal) loses them. A
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,18 @@ from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.files import atomic_write_text
 from pyro_vae.training.loop import EpochStats, dataset_elbo, make_elbo
 
-__all__ = ["finish_run"]
+__all__ = ["TrainedRun", "finish_run"]
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The result of training: the parts, their data, the run directory, history."""
+
+    model: Module
+    guide: Module
+    splits: Splits
+    out: Path
+    history: list[EpochStats]
 
 
 EVALUATION_FILES = (
@@ -46,28 +58,15 @@ EVALUATION_FILES = (
 
 
 def finish_run(
-    cfg: FitConfig,
-    model: Module,
-    guide: Module,
-    splits: Splits,
-    out: Path,
-    history: list[EpochStats],
-    device: torch.device,
-    started: float,
+    cfg: FitConfig, trained: TrainedRun, device: torch.device, started: float
 ) -> Path:
     """Final ELBOs, the importance-sampled evaluation, metrics, report, figures."""
+    out, splits = trained.out, trained.splits
     binarize = cfg.resolved_binarize()
     notes: list[str] = []
     with signals.phase("at the end of training", run_dir=out, trained=True):
         signals.stop_if_pending()  # a stop training swallowed after its last step
-    with signals.phase("while computing the final ELBOs"):
-        loss_fn = make_elbo(cfg.elbo, cfg.num_particles)(model, guide)
-        final = {
-            split: dataset_elbo(
-                loss_fn, evaluation_split(splits, split, binarize), cfg.batch_size
-            )
-            for split in ("train", "valid", "test")
-        }
+    final = _final_elbos(cfg, trained, binarize)
     # the numbers first: metrics.json and report.md with the ELBOs before anything
     # that takes long or may fail. An older evaluation goes: it is redone below,
     # and until then it would describe another model.
@@ -85,64 +84,17 @@ def finish_run(
             return metrics
 
     save(None, None)
-    evaluation, failure = None, None
-    if cfg.eval_k:
-        with signals.phase("during the final evaluation"):
-            try:
-                evaluation = evaluate_split(
-                    model,
-                    guide,
-                    splits.test,
-                    out,
-                    k=cfg.eval_k,
-                    seed=cfg.seed,
-                    split="test",
-                    binarization=rundir.binarization_note(binarize),
-                )
-            except _FAILURES as err:  # e.g. NaN log-densities on the test split
-                _remove(out, EVALUATION_FILES)  # none of a failed evaluation's files
-                failure = err
-                notes.append(f"evaluation (--eval-k {cfg.eval_k}) failed: {_why(err)}")
+    evaluation, failure = _final_evaluation(cfg, trained, binarize, notes)
     log_px = None
     if evaluation is not None:
         log_px = (evaluation["log_px"]["mean"], evaluation["log_px"]["se"])
         latents = evaluation["latents"]
     else:
-        with signals.phase("while computing the latent diagnostics"):
-            try:
-                latents = latent_diagnostics(model, guide, splits.test, seed=cfg.seed)
-            except _FAILURES as err:
-                latents = None
-                notes.append(f"latent diagnostics failed: {_why(err)}")
+        latents = _latents_alone(cfg, trained, notes)
     metrics = save(evaluation, latents)  # a report now, whatever the figures do
-    with signals.phase("while drawing the figures"):
-        figure_notes: list[str] = []
-        save_figures(
-            out,
-            model,
-            guide,
-            splits,
-            history,
-            log_px,
-            seed=cfg.seed,
-            notes=figure_notes,
-        )
-    with signals.phase("while writing report.md"):
-        notes += figure_notes
-        _save_notes(out, metrics, notes)
-        report = build_report(out)
+    report = _figures_and_report(cfg, trained, log_px, metrics, notes)
     with signals.phase("while printing the summary"):
-        if not cfg.quiet:
-            print(rundir.summary(cfg, metrics, out))
-            if evaluation is not None:
-                print("\nimportance-sampled evaluation (evaluation.json):")
-                print(format_summary(evaluation))
-            elif latents is not None:
-                print(latents_line(latents) + " (test split)")
-            print(f"\nreport: {report}")
-        if notes and not cfg.quiet:
-            for note in notes:
-                print(f"note: {note}", file=sys.stderr)
+        _print_summary(cfg, out, metrics, evaluation, latents, report, notes)
     if failure is not None:
         raise PyroVAEError(
             f"the final evaluation failed: {_why(failure)}. metrics.json, report.md "
@@ -150,6 +102,110 @@ def finish_run(
             f"python -m pyro_vae.evaluate {out}"
         ) from None
     return out
+
+
+def _figures_and_report(
+    cfg: FitConfig,
+    trained: TrainedRun,
+    log_px: tuple[float, float] | None,
+    metrics: dict,
+    notes: list[str],
+) -> Path:
+    """Draw the figures, add their notes to ``notes``, rewrite report.md; its path."""
+    with signals.phase("while drawing the figures"):
+        figure_notes: list[str] = []
+        save_figures(
+            trained.out,
+            trained.model,
+            trained.guide,
+            trained.splits,
+            trained.history,
+            log_px,
+            seed=cfg.seed,
+            notes=figure_notes,
+        )
+    with signals.phase("while writing report.md"):
+        notes += figure_notes
+        _save_notes(trained.out, metrics, notes)
+        return build_report(trained.out)
+
+
+def _final_elbos(
+    cfg: FitConfig, trained: TrainedRun, binarize: str
+) -> dict[str, float]:
+    """The trained model's ELBO on the train, valid and test splits."""
+    with signals.phase("while computing the final ELBOs"):
+        loss_fn = make_elbo(cfg.elbo, cfg.num_particles)(trained.model, trained.guide)
+        return {
+            split: dataset_elbo(
+                loss_fn,
+                evaluation_split(trained.splits, split, binarize),
+                cfg.batch_size,
+            )
+            for split in ("train", "valid", "test")
+        }
+
+
+def _final_evaluation(
+    cfg: FitConfig, trained: TrainedRun, binarize: str, notes: list[str]
+) -> tuple[dict | None, BaseException | None]:
+    """The importance-sampled evaluation on the test split, or why it failed."""
+    if not cfg.eval_k:
+        return None, None
+    with signals.phase("during the final evaluation"):
+        try:
+            evaluation = evaluate_split(
+                trained.model,
+                trained.guide,
+                trained.splits.test,
+                trained.out,
+                k=cfg.eval_k,
+                seed=cfg.seed,
+                split="test",
+                binarization=rundir.binarization_note(binarize),
+            )
+        except _FAILURES as err:  # e.g. NaN log-densities on the test split
+            _remove(trained.out, EVALUATION_FILES)  # none of a failed one's files
+            notes.append(f"evaluation (--eval-k {cfg.eval_k}) failed: {_why(err)}")
+            return None, err
+    return evaluation, None
+
+
+def _latents_alone(
+    cfg: FitConfig, trained: TrainedRun, notes: list[str]
+) -> dict | None:
+    """The latent diagnostics on the test split, without an evaluation; None if not."""
+    with signals.phase("while computing the latent diagnostics"):
+        try:
+            return latent_diagnostics(
+                trained.model, trained.guide, trained.splits.test, seed=cfg.seed
+            )
+        except _FAILURES as err:
+            notes.append(f"latent diagnostics failed: {_why(err)}")
+            return None
+
+
+def _print_summary(
+    cfg: FitConfig,
+    out: Path,
+    metrics: dict,
+    evaluation: dict | None,
+    latents: dict | None,
+    report: Path,
+    notes: list[str],
+) -> None:
+    """The run's summary on stdout, its notes on stderr; nothing with ``--quiet``."""
+    if cfg.quiet:
+        return
+    print(rundir.summary(cfg, metrics, out))
+    if evaluation is not None:
+        print("\nimportance-sampled evaluation (evaluation.json):")
+        print(format_summary(evaluation))
+    elif latents is not None:
+        print(latents_line(latents) + " (test split)")
+    print(f"\nreport: {report}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 #: what a failing evaluation raises: our errors (NaN, estimator checks), Pyro's

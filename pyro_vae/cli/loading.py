@@ -40,19 +40,35 @@ def load_run(
 def _load_parts(
     run_dir: str | os.PathLike, device: torch.device | str
 ) -> tuple[torch.nn.Module, torch.nn.Module, FitConfig, int, tuple[int, ...]]:
+    """Model and guide (eval mode, on ``device``), config, D and image shape."""
     if not isinstance(run_dir, str | os.PathLike):
         raise ConfigError(
             f"give the run directory as a path (str or pathlib.Path), got "
             f"{run_dir!r}; e.g. pyro_vae.load('runs/digits-...')"
         )
     device = _api_device(device)
-    run_dir = Path(run_dir)
+    path, payload = _read_checkpoint(Path(run_dir))
+    cfg = _stored_config(payload, path)
+    data_dim, image_shape = _data_shape(payload, path)
+    model, guide, need = _build_networks(cfg, data_dim, image_shape, path)
+    _load_weights(path, payload, model, guide)
+    with memory_guard(need, f"moving the networks to {device}", "the model's size"):
+        model, guide = model.to(device, torch.float32), guide.to(device, torch.float32)
+    return model.eval(), guide.eval(), cfg, data_dim, image_shape
+
+
+def _read_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """The path of ``run_dir``'s checkpoint and what it holds."""
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is not a directory; give a run directory")
     path = run_dir / "checkpoint.pt"
-    payload = load_checkpoint(path)
+    return path, load_checkpoint(path)
+
+
+def _stored_config(payload: Mapping[str, Any], path: Path) -> FitConfig:
+    """The config stored in the checkpoint at ``path``; CheckpointError if unusable."""
     try:
-        cfg = FitConfig.from_dict(
+        return FitConfig.from_dict(
             payload.get("config"), source=f"the config stored in {path}"
         )
     except ConfigError as err:
@@ -64,7 +80,12 @@ def _load_parts(
             f"{path} holds a config this version cannot use ({err}); re-run "
             "training with this version"
         ) from None
-    data_dim, image_shape = _data_shape(payload, path)
+
+
+def _build_networks(
+    cfg: FitConfig, data_dim: int, image_shape: tuple[int, ...], path: Path
+) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    """The model and guide ``cfg`` describes, on the CPU, and the bytes they need."""
     values = dataclasses.asdict(cfg) | {"hidden": cfg.hidden}
     need = 4 * network_params(values, data_dim)
     what = (
@@ -75,6 +96,16 @@ def _load_parts(
     refuse_if_too_big(need, "cpu", what, lower)
     with memory_guard(need, what, lower):
         model, guide = build_model_and_guide(cfg, data_dim, image_shape)
+    return model, guide, need
+
+
+def _load_weights(
+    path: Path,
+    payload: Mapping[str, Any],
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+) -> None:
+    """Load the stored weights into model and guide; refuse weights that do not fit."""
     for name, module in (("model", model), ("guide", guide)):
         problem = state_mismatch(module, payload.get(name), name)
         if problem:
@@ -91,9 +122,6 @@ def _load_parts(
                 f"{path} does not fit the networks that the config stored in it "
                 f"describes ({detail[:300]}); restore the checkpoint or re-train"
             ) from None
-    with memory_guard(need, f"moving the networks to {device}", "the model's size"):
-        model, guide = model.to(device, torch.float32), guide.to(device, torch.float32)
-    return model.eval(), guide.eval(), cfg, data_dim, image_shape
 
 
 def _api_device(device: object) -> torch.device:
@@ -260,78 +288,96 @@ class TrainedVAE:
     def _input(self, x: object, method: str) -> torch.Tensor:
         """``x`` as float32 ``(N, D)`` on :attr:`device`, or a :class:`DataError`."""
         where = f"{method}: x"
-        if isinstance(x, torch.Tensor):
-            t = x.detach()
-        elif isinstance(x, np.ndarray | list | tuple):
-            try:
-                array = np.asarray(x)
-            except ValueError as err:  # ragged lists
-                raise DataError(f"{where} is not a rectangular array ({err})") from None
-            if array.dtype.kind not in "biuf":
-                raise DataError(
-                    f"{where} holds {array.dtype} values; give numbers (floats in "
-                    "[0, 1])"
-                )
-            t = torch.as_tensor(array)
-        else:
-            raise DataError(
-                f"{where} must be a torch.Tensor or numpy array (N, {self.data_dim}), "
-                f"got {type(x).__name__}"
-            )
-        shape, d = tuple(t.shape), self.data_dim
-        if t.ndim > 2 and shape[1:] == self.image_shape:
-            t = t.reshape(len(t), -1)
-        if t.ndim != 2 or t.shape[1] != d:
-            single = shape in ((d,), self.image_shape)
-            one = "; for one datum, x[None]" if single else ""
-            images = (
-                f" or (N, {', '.join(map(str, self.image_shape))})"
-                if len(self.image_shape) > 1
-                else ""
-            )
-            raise DataError(
-                f"{where} has shape {shape}; this run's model takes (N, {d}){images}, "
-                f"one datum per row{one}"
-            )
-        if len(t) == 0:
-            raise DataError(f"{where} has no rows (shape {shape}); give data")
-        if t.dtype == torch.bool:
-            t = t.float()
-        if t.is_complex():
-            raise DataError(f"{where} is complex ({t.dtype}); give real numbers")
-        if not t.is_floating_point():
-            lo, hi = t.min().item(), t.max().item()
-            if lo < 0 or hi > 1:
-                raise DataError(
-                    f"{where} holds integers in [{lo}, {hi}]; give floats in [0, 1] "
-                    "(8-bit intensities: x / 255)"
-                )
-        try:
-            t = t.to(self.device, torch.float32)
-        except (RuntimeError, NotImplementedError) as err:  # meta tensors, ...
-            raise DataError(
-                f"{where} on {t.device} cannot be moved to the model's device "
-                f"{self.device} ({str(err).splitlines()[0]})"
-            ) from None
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            row = int(bad.any(dim=1).nonzero()[0])
-            raise DataError(
-                f"{where} has {int(bad.sum())} NaN or infinite values (first in row "
-                f"{row}); remove or impute them"
-            )
-        lo, hi = t.min().item(), t.max().item()
-        if lo < 0 or hi > 1:
-            raise DataError(
-                f"{where} has values in [{lo:.4g}, {hi:.4g}]; this run was trained on "
-                "data scaled to [0, 1], so scale x the same way"
-            )
-        return t
+        t = _as_tensor(x, where, self.data_dim)
+        t = _as_rows(t, where, self.data_dim, self.image_shape)
+        return _checked_values(t, where, self.device)
 
     def data(self) -> Splits:
         """The run's splits, binarized as during training."""
         device = next(self.model.parameters()).device
         return load_run_data(self.config, device)
+
+
+def _as_tensor(x: object, where: str, data_dim: int) -> torch.Tensor:
+    """``x`` (tensor, array or nested lists of numbers) as a detached tensor."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, np.ndarray | list | tuple):
+        try:
+            array = np.asarray(x)
+        except ValueError as err:  # ragged lists
+            raise DataError(f"{where} is not a rectangular array ({err})") from None
+        if array.dtype.kind not in "biuf":
+            raise DataError(
+                f"{where} holds {array.dtype} values; give numbers (floats in [0, 1])"
+            )
+        t = torch.as_tensor(array)
+    else:
+        raise DataError(
+            f"{where} must be a torch.Tensor or numpy array (N, {data_dim}), "
+            f"got {type(x).__name__}"
+        )
+    return t
+
+
+def _as_rows(
+    t: torch.Tensor, where: str, data_dim: int, image_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """``t`` as ``(N, D)`` with N >= 1 (images flattened), or a :class:`DataError`."""
+    shape, d = tuple(t.shape), data_dim
+    if t.ndim > 2 and shape[1:] == image_shape:
+        t = t.reshape(len(t), -1)
+    if t.ndim != 2 or t.shape[1] != d:
+        single = shape in ((d,), image_shape)
+        one = "; for one datum, x[None]" if single else ""
+        images = (
+            f" or (N, {', '.join(map(str, image_shape))})"
+            if len(image_shape) > 1
+            else ""
+        )
+        raise DataError(
+            f"{where} has shape {shape}; this run's model takes (N, {d}){images}, "
+            f"one datum per row{one}"
+        )
+    if len(t) == 0:
+        raise DataError(f"{where} has no rows (shape {shape}); give data")
+    return t
+
+
+def _checked_values(t: torch.Tensor, where: str, device: torch.device) -> torch.Tensor:
+    """``t`` as float32 on ``device``; refuse complex, non-finite or out-of-[0, 1]."""
+    if t.dtype == torch.bool:
+        t = t.float()
+    if t.is_complex():
+        raise DataError(f"{where} is complex ({t.dtype}); give real numbers")
+    if not t.is_floating_point():
+        lo, hi = t.min().item(), t.max().item()
+        if lo < 0 or hi > 1:
+            raise DataError(
+                f"{where} holds integers in [{lo}, {hi}]; give floats in [0, 1] "
+                "(8-bit intensities: x / 255)"
+            )
+    try:
+        t = t.to(device, torch.float32)
+    except (RuntimeError, NotImplementedError) as err:  # meta tensors, ...
+        raise DataError(
+            f"{where} on {t.device} cannot be moved to the model's device "
+            f"{device} ({str(err).splitlines()[0]})"
+        ) from None
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        row = int(bad.any(dim=1).nonzero()[0])
+        raise DataError(
+            f"{where} has {int(bad.sum())} NaN or infinite values (first in row "
+            f"{row}); remove or impute them"
+        )
+    lo, hi = t.min().item(), t.max().item()
+    if lo < 0 or hi > 1:
+        raise DataError(
+            f"{where} has values in [{lo:.4g}, {hi:.4g}]; this run was trained on "
+            "data scaled to [0, 1], so scale x the same way"
+        )
+    return t
 
 
 def load(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> TrainedVAE:

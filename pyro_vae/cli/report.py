@@ -143,8 +143,29 @@ def build_report(run_dir: str | os.PathLike) -> Path:
         _read(run_dir / "metrics.json"),
         _read(run_dir / "evaluation.json"),
     )
-    units = "nats per datum, higher is better"
     lines = [
+        *_summary_lines(run_dir, config, metrics, evaluation),
+        *_notes_lines(run_dir, metrics),
+        *_figure_lines(run_dir),
+        *_config_lines(config),
+    ]
+    path = run_dir / "report.md"
+    try:
+        atomic_write_text(path, "\n".join(lines))
+    except OSError as err:
+        raise PyroVAEError(
+            f"cannot write {path} ({type(err).__name__}: {err.strerror or err}); "
+            "make the run directory writable, or copy it somewhere writable"
+        ) from None
+    return path
+
+
+def _summary_lines(
+    run_dir: Path, config: dict, metrics: dict, evaluation: dict
+) -> list[str]:
+    """The title, the run's parts in one line, and the table of metrics."""
+    units = "nats per datum, higher is better"
+    return [
         f"# Run report: {run_dir.name}",
         "",
         f"{config.get('dataset')} · {config.get('likelihood')} likelihood · "
@@ -166,19 +187,33 @@ def build_report(run_dir: str | os.PathLike) -> Path:
         *_metrics_rows(metrics, evaluation, run_dir),
         "",
     ]
+
+
+def _notes_lines(run_dir: Path, metrics: dict) -> list[str]:
+    """What the end of the run skipped or could not do, and why; none if nothing."""
     notes = metrics.get("notes") or []
     if not isinstance(notes, list):
         raise PyroVAEError(
             f"{run_dir / 'metrics.json'} is malformed (its notes are not a list); "
             "re-run the step that wrote it"
         )
-    if notes:  # what the end of the run skipped or could not do, and why
-        lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
-    lines += ["## Figures", ""]
+    if not notes:
+        return []
+    return ["## Notes", "", *(f"- {note}" for note in notes), ""]
+
+
+def _figure_lines(run_dir: Path) -> list[str]:
+    """Each figure the run directory holds, in :data:`FIGURE_ORDER`, captioned."""
+    lines = ["## Figures", ""]
     for name, caption in FIGURE_ORDER:
         if (run_dir / "figures" / f"{name}.png").is_file():
             lines += [f"### {caption}", "", f"![{caption}](figures/{name}.png)", ""]
-    lines += [
+    return lines
+
+
+def _config_lines(config: dict) -> list[str]:
+    """The run's config as a JSON block."""
+    return [
         "## Config",
         "",
         "```json",
@@ -186,15 +221,6 @@ def build_report(run_dir: str | os.PathLike) -> Path:
         "```",
         "",
     ]
-    path = run_dir / "report.md"
-    try:
-        atomic_write_text(path, "\n".join(lines))
-    except OSError as err:
-        raise PyroVAEError(
-            f"cannot write {path} ({type(err).__name__}: {err.strerror or err}); "
-            "make the run directory writable, or copy it somewhere writable"
-        ) from None
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

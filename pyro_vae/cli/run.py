@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from pyro_vae.cli import rundir, runlock
 from pyro_vae.cli.build import build_model_and_guide
 from pyro_vae.cli.config import FitConfig, resolve_device
-from pyro_vae.cli.finish import finish_run
+from pyro_vae.cli.finish import TrainedRun, finish_run
 from pyro_vae.cli.loading import load_run_data, state_mismatch
 from pyro_vae.cli.preflight import check_closed_form_kl, check_support
 from pyro_vae.data import Splits
@@ -59,7 +59,9 @@ from pyro_vae.training.distributed import DistContext, DistributedError
 from pyro_vae.training.loop import (
     EpochStats,
     NonFiniteLossError,
+    Schedule,
     TrainingInterrupted,
+    TrainOptions,
     make_elbo,
     train,
 )
@@ -118,13 +120,13 @@ def run(cfg: FitConfig, resume: str | Path | None = None) -> Path:
         device = ctx.device
     try:
         cfg = _check_world(cfg, ctx)
-        cfg, parts = _setup_and_train(cfg, resume, device, ctx)
+        cfg, trained = _setup_and_train(cfg, resume, device, ctx)
     finally:
         if ctx is not None:
             ctx.close()
     if ctx is not None and not ctx.is_main:
-        return parts[-2]
-    return finish_run(cfg, *parts, device, started)
+        return trained.out
+    return finish_run(cfg, trained, device, started)
 
 
 def _check_world(cfg: FitConfig, ctx: DistContext | None) -> FitConfig:
@@ -153,7 +155,7 @@ def _setup_and_train(
     resume: str | Path | None,
     device: torch.device,
     ctx: DistContext | None,
-) -> tuple[FitConfig, tuple[Module, Module, Splits, Path, list[EpochStats]]]:
+) -> tuple[FitConfig, TrainedRun]:
     """Data, parts, run directory or checkpoint, then training; on every process."""
     main = ctx is None or ctx.is_main
     binarize = cfg.resolved_binarize()
@@ -191,7 +193,7 @@ def _setup_and_train(
     history = _train_with_checkpoints(
         cfg, model, guide, optimizer, splits, out, state, ctx
     )
-    return cfg, (model, guide, splits, out, history)
+    return cfg, TrainedRun(model, guide, splits, out, history)
 
 
 def _on_main(ctx: DistContext | None, fn: Callable[[], T], what: str) -> T:
@@ -227,8 +229,27 @@ def _restore(
     distributed run need only the checkpoint). ``splits``: the data, checked against
     those the checkpoint was trained on.
     """
+    payload = load_checkpoint(out / "checkpoint.pt")
+    _check_resumable(out, payload, model, guide, cfg, splits)
+    _load_state(out, payload, model, guide, optimizer, cfg)
+    if rewrite:
+        _cut_history(out, payload)
+    return {
+        key: payload[key]
+        for key in ("model", "guide", "optimizer", "epoch", "step", "rng")
+    }
+
+
+def _check_resumable(
+    out: Path,
+    payload: dict,
+    model: Module,
+    guide: Module,
+    cfg: FitConfig,
+    splits: Splits | None,
+) -> None:
+    """Refuse a checkpoint past ``--epochs``, of other data, or of other networks."""
     checkpoint = out / "checkpoint.pt"
-    payload = load_checkpoint(checkpoint)
     done = payload.get("epoch")
     if isinstance(done, int) and done > cfg.epochs:
         raise ConfigError(
@@ -245,6 +266,17 @@ def _restore(
             raise ConfigError(
                 f"{out / 'checkpoint.pt'} does not fit this run's networks: {problem}"
             )
+
+
+def _load_state(
+    out: Path,
+    payload: dict,
+    model: Module,
+    guide: Module,
+    optimizer: Optimizer,
+    cfg: FitConfig,
+) -> None:
+    """Load weights, optimizer (at this run's ``--lr``) and every RNG."""
     try:
         model.load_state_dict(payload["model"])
         guide.load_state_dict(payload["guide"])
@@ -257,22 +289,21 @@ def _restore(
             f"{out / 'checkpoint.pt'} does not fit this run's networks or lacks "
             f"resume state ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from None
-    if rewrite:
-        rundir.check_config_agrees(out, payload.get("config"))
-        try:
-            rows = rundir.read_history(out, payload["epoch"])
-        except (OSError, KeyError, ValueError) as err:
-            raise ConfigError(
-                f"{out / 'history.csv'} is missing or unreadable "
-                f"({type(err).__name__}: {str(err).splitlines()[0]}); a run cannot "
-                "resume without it: start a new run (--out)"
-            ) from None
-        rundir.check_history(out, rows, payload["epoch"], payload["step"])
-        rundir.rewrite_history(out, rows)
-    return {
-        key: payload[key]
-        for key in ("model", "guide", "optimizer", "epoch", "step", "rng")
-    }
+
+
+def _cut_history(out: Path, payload: dict) -> None:
+    """Check config.json and history.csv against the checkpoint; cut to its epoch."""
+    rundir.check_config_agrees(out, payload.get("config"))
+    try:
+        rows = rundir.read_history(out, payload["epoch"])
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(
+            f"{out / 'history.csv'} is missing or unreadable "
+            f"({type(err).__name__}: {str(err).splitlines()[0]}); a run cannot "
+            "resume without it: start a new run (--out)"
+        ) from None
+    rundir.check_history(out, rows, payload["epoch"], payload["step"])
+    rundir.rewrite_history(out, rows)
 
 
 def _train_with_checkpoints(
@@ -290,81 +321,123 @@ def _train_with_checkpoints(
     With ``ctx``, every process trains; only rank 0 writes history and checkpoints,
     and only it returns the history (the others return an empty list).
     """
-    last = [state]  # the latest end-of-epoch snapshot: what a stop writes
     main = ctx is None or ctx.is_main
-
-    def save() -> Path:
-        """Rank 0 writes the last snapshot; the checkpoint's path on every rank."""
-        if main:
-            return rundir.save_checkpoint(out, cfg, last[0], splits)
-        return out / "checkpoint.pt"
-
-    def on_epoch(stats: EpochStats) -> None:
-        if not main:  # rank 0 saves this epoch; the others only remember which
-            last[0] = {"epoch": stats.epoch}
-            return
-        _report_epoch(out, stats, cfg)
-        last[0] = snapshot(model, guide, optimizer, stats.epoch, stats.step)
-        if stats.epoch % cfg.checkpoint_every == 0 or stats.epoch == cfg.epochs:
-            rundir.save_checkpoint(out, cfg, last[0], splits)
-
+    run_state = RunState(cfg, out, splits, main, last=state)
+    on_epoch = _epoch_hook(run_state, model, guide, optimizer)
     with _stop_on_signals() as caught:
         try:
             train(
                 model,
                 guide,
                 splits,
+                Schedule(
+                    epochs=cfg.epochs,
+                    batch_size=cfg.batch_size,
+                    lr=cfg.lr,
+                    start_epoch=state["epoch"] + 1,
+                    start_step=state["step"],
+                    kl_warmup=cfg.kl_warmup,
+                    grad_clip=cfg.grad_clip,
+                ),
                 elbo=make_elbo(cfg.elbo, cfg.num_particles),
-                epochs=cfg.epochs,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
                 objective=_objective(cfg),
-                kl_warmup=cfg.kl_warmup,
-                progress=main and not cfg.quiet and sys.stderr.isatty(),
-                on_epoch=on_epoch,
                 optimizer=optimizer,
-                start_epoch=state["epoch"] + 1,
-                start_step=state["step"],
-                grad_clip=cfg.grad_clip,
-                should_stop=lambda: bool(caught),
-                jit="auto" if cfg.jit else False,
-                distributed=ctx,
+                options=TrainOptions(
+                    jit="auto" if cfg.jit else False,
+                    progress=main and not cfg.quiet and sys.stderr.isatty(),
+                    distributed=ctx,
+                    should_stop=lambda: bool(caught),
+                    on_epoch=on_epoch,
+                ),
             )
         except TrainingInterrupted as stop:
-            path = save()
-            # with several processes, a stop caught by another one stops this one too
-            sig = signal.Signals(caught[0]) if caught else signal.SIGTERM
-            raise Interrupted(
-                f"{sig.name}: {stop}. Saved {path} at the end of "
-                f"epoch {last[0]['epoch']}; resume with: python -m pyro_vae.fit "
-                f"--resume {shlex.quote(str(out))}",
-                EXIT_STATUS[sig],
-            ) from None
+            raise _interrupted(stop, caught, run_state) from None
         except NonFiniteLossError as err:
-            path = save()
-            raise NonFiniteLossError(
-                f"{err} The last good state (end of epoch {last[0]['epoch']}) is in "
-                f"{path}; resume with --resume {shlex.quote(str(out))} --lr SMALLER, "
-                "or --grad-clip."
-            ) from None
+            raise _non_finite(err, run_state) from None
         except RuntimeError as err:  # DistributedError is a ValueError: not here
             lost = None if ctx is None else ctx.lost_contact(err, "training")
             if lost is None:
                 raise
-            raise _lost(lost, save(), last[0]["epoch"] if main else None, out) from None
+            raise _lost(lost, run_state) from None
         except DistributedError as err:
-            raise _lost(err, save(), last[0]["epoch"] if main else None, out) from None
+            raise _lost(err, run_state) from None
     return rundir.read_history(out) if main else []
 
 
-def _lost(
-    err: DistributedError, path: Path, epoch: int | None, out: Path
-) -> DistributedError:
-    """``err`` with where the last good state is and how to go on.
+@dataclasses.dataclass
+class RunState:
+    """The run's state while it trains: the latest end-of-epoch snapshot, its home."""
 
-    ``epoch``: the epoch rank 0 just saved; None on the other ranks, which do not
-    know which checkpoint rank 0 managed to write.
+    cfg: FitConfig
+    out: Path
+    splits: Splits
+    main: bool  # this process writes the run directory (rank 0)
+    last: dict  # the latest end-of-epoch snapshot: what a stop writes
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the latest snapshot ends."""
+        return self.last["epoch"]
+
+    def save(self) -> Path:
+        """Rank 0 writes the last snapshot; the checkpoint's path on every rank."""
+        if self.main:
+            return rundir.save_checkpoint(self.out, self.cfg, self.last, self.splits)
+        return self.out / "checkpoint.pt"
+
+
+def _epoch_hook(
+    run_state: RunState, model: Module, guide: Module, optimizer: Optimizer
+) -> Callable[[EpochStats], None]:
+    """What ends an epoch: its history line, a snapshot, and a checkpoint when due."""
+    cfg, out = run_state.cfg, run_state.out
+
+    def on_epoch(stats: EpochStats) -> None:
+        """Remember (rank 0: record and maybe save) the epoch that just ended."""
+        if not run_state.main:  # rank 0 saves this epoch; the others remember which
+            run_state.last = {"epoch": stats.epoch}
+            return
+        _report_epoch(out, stats, cfg)
+        run_state.last = snapshot(model, guide, optimizer, stats.epoch, stats.step)
+        if stats.epoch % cfg.checkpoint_every == 0 or stats.epoch == cfg.epochs:
+            rundir.save_checkpoint(out, cfg, run_state.last, run_state.splits)
+
+    return on_epoch
+
+
+def _interrupted(
+    stop: TrainingInterrupted, caught: list[int], run_state: RunState
+) -> Interrupted:
+    """Save the last snapshot; the error that says so and carries the exit status."""
+    path = run_state.save()
+    # with several processes, a stop caught by another one stops this one too
+    sig = signal.Signals(caught[0]) if caught else signal.SIGTERM
+    return Interrupted(
+        f"{sig.name}: {stop}. Saved {path} at the end of "
+        f"epoch {run_state.epoch}; resume with: python -m pyro_vae.fit "
+        f"--resume {shlex.quote(str(run_state.out))}",
+        EXIT_STATUS[sig],
+    )
+
+
+def _non_finite(err: NonFiniteLossError, run_state: RunState) -> NonFiniteLossError:
+    """Save the last good snapshot; ``err`` with where it is and how to go on."""
+    path = run_state.save()
+    return NonFiniteLossError(
+        f"{err} The last good state (end of epoch {run_state.epoch}) is in "
+        f"{path}; resume with --resume {shlex.quote(str(run_state.out))} "
+        "--lr SMALLER, or --grad-clip."
+    )
+
+
+def _lost(err: DistributedError, run_state: RunState) -> DistributedError:
+    """Save the last snapshot; ``err`` with where it is and how to go on.
+
+    Only rank 0 knows the epoch it saved; the other ranks do not know which
+    checkpoint rank 0 managed to write.
     """
+    path, out = run_state.save(), run_state.out
+    epoch = run_state.epoch if run_state.main else None
     where = (
         f"Rank 0 keeps the checkpoints in {path}"
         if epoch is None

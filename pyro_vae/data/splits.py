@@ -60,6 +60,30 @@ class Splits:
     test_labels: torch.Tensor | None = None
     binarization: str = "none"
 
+    @classmethod
+    def of(
+        cls,
+        train: torch.Tensor,
+        valid: torch.Tensor,
+        test: torch.Tensor | None = None,
+        *,
+        binarization: str = "none",
+    ) -> Splits:
+        """Splits of tensors in hand, e.g. for :func:`pyro_vae.training.train`.
+
+        ``binarization`` says what the data are, as :func:`binarize_splits` would have
+        left them: ``"dynamic"`` draws each training batch x_b ~ Bernoulli(x) (the
+        evaluation splits are used as given), ``"static"`` and ``"none"`` use every
+        split as it is. ``test`` defaults to an empty split, the image shape to
+        ``(D,)``.
+        """
+        if binarization not in BINARIZATIONS:
+            raise DataError(
+                f"unknown binarization {binarization!r}; choose from {BINARIZATIONS}"
+            )
+        test = valid[:0] if test is None else test
+        return cls(train, valid, test, (train.shape[1],), binarization=binarization)
+
     @property
     def data_dim(self) -> int:
         return self.train.shape[1]
@@ -248,8 +272,8 @@ def batches(
     With ``dynamic=True`` each batch is a fresh Bernoulli draw from its grey levels.
     The last batch may be smaller; every datum is seen once per pass. ``order``, if
     given, is the sequence of indices to take instead (e.g. one process's shard of
-    the epoch, :meth:`pyro_vae.training.distributed.DistContext.shard_order`); ``shuffle`` is
-    then ignored.
+    the epoch, :meth:`pyro_vae.training.distributed.DistContext.shard_order`);
+    ``shuffle`` is then ignored.
     """
     n = len(x)
     if order is None:

@@ -3,10 +3,16 @@
 ``log_weights`` gives log p(x, z) - log q(z|x) from Pyro traces; ``log_marginal``
 turns K of them per datum into log p̂(x) with its standard error, the IWAE_k ladder
 and PSIS diagnostics; ``check_consistency`` verifies ELBO ≤ IWAE_k ≤ log p̂(x).
-``python -m pyro_vae.evaluate RUN_DIR`` runs all of it on a trained run.
+Also: :mod:`.psis` (k̂ and ESS through ArviZ), :mod:`.latents` (MMD to the prior,
+active units, mutual information), :mod:`.reference` (the pPCA model whose log p(x)
+is known, for tests of the estimators).
 
-This package imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`
-(its command line, ``__main__``, assembles a run through :mod:`pyro_vae.cli.loading`).
+The estimators only: this package imports torch, pyro, numpy, arviz,
+:mod:`pyro_vae.losses` (the MMD kernel), :mod:`pyro_vae.errors`, :mod:`pyro_vae.rng`
+and :mod:`pyro_vae.memory`; never :mod:`pyro_vae.models`, :mod:`pyro_vae.guides`,
+training or the command line. Scoring a run directory, ``python -m pyro_vae.evaluate
+RUN_DIR``, is the command line's (:mod:`pyro_vae.cli.evaluate`); this package's
+``__main__`` only starts it.
 """
 
 from pyro_vae.evaluate.check import (

@@ -219,6 +219,54 @@ def log_marginal(
     Returns:
         A :class:`LogMarginal` of float64 per-datum values on the CPU.
     """
+    k = _checked_arguments(k, data, data_chunk, particle_chunk)
+    start = time.perf_counter()
+    n_chunk = min(data_chunk, len(data))
+    if particle_chunk is None:
+        budget = memory_budget or default_budget(data.device)
+        particle_chunk = plan_particle_chunk(
+            k, n_chunk, data.shape[1], budget, data.element_size()
+        )
+    grid, parts = iwae_grid(k), []
+    _validate(model, guide, data)
+    for first in range(0, len(data), n_chunk):
+        x = data[first : first + n_chunk]
+        with forked_rng(data, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(chunk_seed(seed, first))
+            buffer = _weights_buffer(model, guide, x, k, particle_chunk)
+        parts.append(_chunk_statistics(buffer, grid, psis))
+    chunks = {"data": n_chunk, "particles": particle_chunk}
+    return _merged(k, grid, parts, start, chunks)
+
+
+def _merged(
+    k: int, grid: list[int], parts: list[dict], start: float, chunks: dict[str, int]
+) -> LogMarginal:
+    """One :class:`LogMarginal` from the statistics of every data chunk."""
+    merged = {
+        key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "iwae"
+    }
+    return LogMarginal(
+        k=k,
+        log_px=merged["log_px"],
+        log_px_se=merged["log_px_se"],
+        elbo=merged["elbo"],
+        elbo_se=merged["elbo_se"],
+        gap_se=merged["gap_se"],
+        iwae={g: torch.cat([p["iwae"][g][0] for p in parts]) for g in grid},
+        iwae_se={g: torch.cat([p["iwae"][g][1] for p in parts]) for g in grid},
+        khat=merged["khat"],
+        ess=merged["ess"],
+        seconds=time.perf_counter() - start,
+        chunks=chunks,
+    )
+
+
+def _checked_arguments(
+    k: object, data: object, data_chunk: int, particle_chunk: int | None
+) -> int:
+    """Refuse a bad K, data or chunk size, or a weight buffer too big; K as an int."""
     if not isinstance(k, int | np.integer) or isinstance(k, bool):
         raise ConfigError(
             f"K must be a whole number of importance samples (>= 2), got {k!r} of "
@@ -259,39 +307,7 @@ def log_marginal(
         "buffer of log-weights)",
         "K (--k) or data_chunk",
     )
-    start = time.perf_counter()
-    n_chunk = min(data_chunk, len(data))
-    if particle_chunk is None:
-        budget = memory_budget or default_budget(data.device)
-        particle_chunk = plan_particle_chunk(
-            k, n_chunk, data.shape[1], budget, data.element_size()
-        )
-    grid, parts = iwae_grid(k), []
-    _validate(model, guide, data)
-    for first in range(0, len(data), n_chunk):
-        x = data[first : first + n_chunk]
-        with forked_rng(data, enabled=seed is not None):
-            if seed is not None:
-                torch.manual_seed(chunk_seed(seed, first))
-            buffer = _weights_buffer(model, guide, x, k, particle_chunk)
-        parts.append(_chunk_statistics(buffer, grid, psis))
-    merged = {
-        key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "iwae"
-    }
-    return LogMarginal(
-        k=k,
-        log_px=merged["log_px"],
-        log_px_se=merged["log_px_se"],
-        elbo=merged["elbo"],
-        elbo_se=merged["elbo_se"],
-        gap_se=merged["gap_se"],
-        iwae={g: torch.cat([p["iwae"][g][0] for p in parts]) for g in grid},
-        iwae_se={g: torch.cat([p["iwae"][g][1] for p in parts]) for g in grid},
-        khat=merged["khat"],
-        ess=merged["ess"],
-        seconds=time.perf_counter() - start,
-        chunks={"data": n_chunk, "particles": particle_chunk},
-    )
+    return k
 
 
 def chunk_seed(seed: int, first: int) -> int:

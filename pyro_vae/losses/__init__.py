@@ -1,7 +1,8 @@
 """Objectives beside the ELBO: the InfoVAE family with its MMD kernels.
 
-Imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`: every loss here
-works on any (model, guide) pair that keeps the site contract.
+Imports torch, pyro and :mod:`pyro_vae.errors` only; never :mod:`pyro_vae.models`
+or :mod:`pyro_vae.guides`: every loss here works on any (model, guide) pair that
+keeps the site contract.
 """
 
 from pyro_vae.losses.infovae import PRESETS, Trace_InfoVAE, infovae_preset

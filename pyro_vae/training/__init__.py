@@ -1,6 +1,8 @@
 """Training: the SVI loop, its fast step, checkpoints and RNG state.
 
-* :mod:`.loop`: :func:`train` for any (model, guide) pair, one epoch at a time;
+* :mod:`.loop`: :func:`train` for any (model, guide) pair, one epoch at a time,
+  over :class:`~pyro_vae.data.Splits` with a :class:`Schedule` and
+  :class:`TrainOptions`;
 * :mod:`.step`: the step's loss, validated once and traced where that is known to
   mean what eager Pyro means (:mod:`.trace_guard`), and fused Adam;
 * :mod:`.checkpoint`: checkpoint files, written atomically and loaded safely;
@@ -20,7 +22,9 @@ from pyro_vae.training.loop import (
     SYNC_EVERY,
     EpochStats,
     NonFiniteLossError,
+    Schedule,
     TrainingInterrupted,
+    TrainOptions,
     dataset_elbo,
     kl_weight_at,
     make_elbo,
@@ -43,7 +47,9 @@ __all__ = [
     "MAX_PLATE_NESTING",
     "NonFiniteLossError",
     "SYNC_EVERY",
+    "Schedule",
     "StepLoss",
+    "TrainOptions",
     "TrainingInterrupted",
     "dataset_elbo",
     "kl_weight_at",

@@ -23,11 +23,10 @@ Pyro's ``loss`` is the negative of that sum. ``Trace_ELBO`` estimates the expect
 with ``num_particles`` reparameterized draws; ``TraceMeanField_ELBO`` uses the analytic
 KL(q(z|x) || p(z)) where one is registered.
 
-**Several processes.** With ``distributed`` (a
+**Several processes.** With ``TrainOptions.distributed`` (a
 :class:`pyro_vae.training.distributed.DistContext`), each process trains on its shard of
 every epoch with ``batch_size / world_size`` data per step, DDP averages the gradients,
-and
-the epoch's train and validation sums are added over the processes; that module's
+and the epoch's train and validation sums are added over the processes; that module's
 docstring gives the scaling rule. Without it, nothing changes, to the last bit.
 
 This module imports neither :mod:`pyro_vae.models` nor :mod:`pyro_vae.guides`.
@@ -61,6 +60,8 @@ __all__ = [
     "SYNC_EVERY",
     "EpochStats",
     "NonFiniteLossError",
+    "Schedule",
+    "TrainOptions",
     "TrainingInterrupted",
     "dataset_elbo",
     "kl_weight_at",
@@ -134,140 +135,119 @@ def dataset_elbo(
     return -total.item() / len(x)
 
 
-def train(
-    model: torch.nn.Module,
-    guide: torch.nn.Module,
-    train_x: torch.Tensor | Splits,
-    valid_x: torch.Tensor | None = None,
-    *,
-    elbo: ELBO,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    objective: ELBO | None = None,
-    dynamic_binarization: bool | None = None,
-    kl_warmup: float = 0.0,
-    progress: bool = False,
-    on_epoch: Callable[[EpochStats], None] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    start_epoch: int = 1,
-    start_step: int = 0,
-    grad_clip: float = 0.0,
-    should_stop: Callable[[], bool] | None = None,
-    jit: bool | str = "auto",
-    distributed: DistContext | None = None,
-) -> tuple[list[EpochStats], torch.optim.Optimizer]:
-    """Train ``model`` and ``guide`` by SVI with Adam, epochs start_epoch..epochs.
+@dataclass(frozen=True)
+class Schedule:
+    """When and how much: epochs ``start_epoch..epochs`` of shuffled batches, Adam.
 
-    Args:
-        model, guide: Pyro programs taking one batch ``(B, D)``; see
-            :mod:`pyro_vae.models.vae` for the contract.
-        train_x, valid_x: data on the training device, ``(N, D)``; or
-            ``train_x`` a :class:`~pyro_vae.data.Splits` from
-            :func:`~pyro_vae.data.binarize_splits` (and no ``valid_x``), which
-            brings its binarization along.
-        elbo: the ELBO estimator for reporting, e.g. :func:`make_elbo`; also the
-            objective unless ``objective`` is given.
-        epochs, batch_size, lr: the schedule; batches are shuffled indices.
-        objective: a different loss to minimize (e.g. InfoVAE); the ELBO of each
-            training batch is then computed beside it, without gradients.
-        dynamic_binarization: draw each training batch as Bernoulli(train_x[idx]).
-            Taken from the splits when they are given; with plain tensors it
-            defaults to False.
+    Attributes:
+        epochs: the last epoch to run (1-based).
+        batch_size: data per optimizer step (over all processes, when distributed).
+        lr: Adam's learning rate, for a new optimizer.
+        start_epoch, start_step: where a resumed run picks up.
         kl_warmup: epochs over which the KL weight rises linearly from 0 to 1, step
             by step (Sønderby et al., 2016, "Ladder variational autoencoders"); 0 is
-            off. ``objective`` must carry the weight as a tensor ``kl_weight`` (e.g.
+            off. The objective must carry the weight as a tensor ``kl_weight`` (e.g.
             ``Trace_InfoVAE(kl_warmup=True)``); the reported ELBOs keep weight 1.
-        progress: show a tqdm bar over epochs.
-        on_epoch: called with each epoch's stats (e.g. to write history and
-            checkpoints).
-        optimizer: an optimizer to continue (a resumed run); by default a new
-            (fused) Adam over the model's and guide's parameters.
-        start_epoch, start_step: where a resumed run picks up.
         grad_clip: clip the global gradient norm to this value; 0 leaves it.
-        should_stop: polled after every step; when it returns True training stops
-            with :class:`TrainingInterrupted` (e.g. on SIGINT).
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    start_epoch: int = 1
+    start_step: int = 0
+    kl_warmup: float = 0.0
+    grad_clip: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How :func:`train` runs; none of these change the numbers.
+
+    Attributes:
         jit: ``"auto"`` traces each step's loss once per batch shape where that is
             known to mean what eager Pyro means (the registries' parts) and runs
             other models eagerly; ``True`` traces any model; ``False`` runs Pyro
             eagerly (:class:`StepLoss`). The draws and gradients are the same
             either way; the reported loss may differ in its last digit.
+        progress: show a tqdm bar over epochs.
         distributed: train on several processes (module docstring): this process
             takes its shard of each epoch, ``batch_size`` is the global batch, and
             the returned stats are over all processes. A stop request or a
             non-finite loss on any process stops all of them at the same step.
+        should_stop: polled after every step; when it returns True training stops
+            with :class:`TrainingInterrupted` (e.g. on SIGINT).
+        on_epoch: called with each epoch's stats (e.g. to write history and
+            checkpoints).
+    """
+
+    jit: bool | str = "auto"
+    progress: bool = False
+    distributed: DistContext | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_epoch: Callable[[EpochStats], None] | None = None
+
+
+def train(
+    model: torch.nn.Module,
+    guide: torch.nn.Module,
+    data: Splits,
+    schedule: Schedule,
+    *,
+    elbo: ELBO,
+    objective: ELBO | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    options: TrainOptions = TrainOptions(),  # noqa: B008 (frozen, shared safely)
+) -> tuple[list[EpochStats], torch.optim.Optimizer]:
+    """Train ``model`` and ``guide`` by SVI with Adam over ``schedule``'s epochs.
+
+    Args:
+        model, guide: Pyro programs taking one batch ``(B, D)``; see
+            :mod:`pyro_vae.models.vae` for the contract.
+        data: :class:`~pyro_vae.data.Splits` on the training device, ``(N, D)``,
+            from :func:`~pyro_vae.data.binarize_splits` or
+            :meth:`Splits.of(train, valid, binarization=...)
+            <pyro_vae.data.Splits.of>`; under ``"dynamic"`` each training batch is
+            drawn as Bernoulli(train[idx]). The test split is not used.
+        schedule: epochs, batch size, learning rate, KL warm-up, clipping, and
+            where a resumed run picks up (:class:`Schedule`).
+        elbo: the ELBO estimator for reporting, e.g. :func:`make_elbo`; also the
+            objective unless ``objective`` is given.
+        objective: a different loss to minimize (e.g. InfoVAE); the ELBO of each
+            training batch is then computed beside it, without gradients.
+        optimizer: an optimizer to continue (a resumed run); by default a new
+            (fused) Adam over the model's and guide's parameters.
+        options: tracing, progress bar, processes and hooks (:class:`TrainOptions`).
 
     Returns:
         The history of the epochs run and the optimizer (for checkpoints).
 
     Raises:
         NonFiniteLossError: when a loss is NaN or inf; the step is not taken.
-        TrainingInterrupted: when ``should_stop()`` turned True.
-        pyro_vae.training.distributed.DistributedError: with ``distributed``, when
-        another
-            process died or hung.
+        TrainingInterrupted: when ``options.should_stop()`` turned True.
+        pyro_vae.training.distributed.DistributedError: with
+            ``options.distributed``, when another process died or hung.
     """
-    train_x, valid_x, dynamic_binarization = _data(
-        train_x, valid_x, dynamic_binarization
-    )
-    elbo_fn = elbo(model, guide)
-    loss_fn = elbo_fn if objective is None else objective(model, guide)
-    kl_weight = _kl_weight(objective, kl_warmup)
-    run = _Run(
-        loss_fn=loss_fn,
-        elbo_fn=elbo_fn,
-        optimizer=optimizer or make_optimizer(loss_fn.parameters(), lr),
-        jit=jit,
-        reports_elbo=objective is None,
-        batch_size=batch_size,
-        grad_clip=grad_clip,
-        should_stop=should_stop,
-        distributed=distributed,
-        check_each_step=train_x.device.type == "cpu",
-        kl_weight=kl_weight,
-        kl_warmup=kl_warmup,
-    )
+    if not isinstance(data, Splits):
+        raise TypeError(
+            f"train() takes the data as Splits, got {type(data).__name__}; wrap "
+            "tensors with Splits.of(train_x, valid_x, binarization=...)"
+        )
+    run = _Run.start(model, guide, data, schedule, elbo, objective, optimizer, options)
     history: list[EpochStats] = []
-    step = start_step
-    epoch_range = range(start_epoch, epochs + 1)
-    bar = tqdm(epoch_range, disable=not progress, unit="epoch", file=sys.stderr)
+    step = schedule.start_step
+    epochs = range(schedule.start_epoch, schedule.epochs + 1)
+    bar = tqdm(epochs, disable=not options.progress, unit="epoch", file=sys.stderr)
     for epoch in bar:
-        stats = run.epoch(train_x, valid_x, epoch, step, history, dynamic_binarization)
+        stats = run.epoch(data, epoch, step, history)
         step = stats.step
         history.append(stats)
         bar.set_postfix(
             train_elbo=f"{stats.train_elbo:.2f}", valid=f"{stats.valid_elbo:.2f}"
         )
-        if on_epoch is not None:
-            on_epoch(stats)
+        if options.on_epoch is not None:
+            options.on_epoch(stats)
     return history, run.optimizer
-
-
-def _data(
-    train_x: torch.Tensor | Splits,
-    valid_x: torch.Tensor | None,
-    dynamic: bool | None,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Training and validation tensors and whether to binarize each batch."""
-    if isinstance(train_x, Splits):
-        splits = train_x
-        if valid_x is not None:
-            raise ValueError(
-                "train() got Splits and a valid_x: the splits bring their own "
-                "validation data; pass one or the other"
-            )
-        from_splits = splits.binarization == "dynamic"
-        if dynamic is not None and dynamic != from_splits:
-            raise ValueError(
-                f"dynamic_binarization={dynamic} contradicts the splits, binarized "
-                f"{splits.binarization!r}; leave it out when passing Splits"
-            )
-        return splits.train, splits.valid, from_splits
-    if valid_x is None:
-        raise ValueError(
-            "train() needs valid_x with a training tensor, or a Splits instead"
-        )
-    return train_x, valid_x, bool(dynamic)
 
 
 def _kl_weight(objective: ELBO | None, kl_warmup: float) -> torch.Tensor | None:
@@ -305,56 +285,102 @@ class _Run:
         loss_fn: torch.nn.Module,
         elbo_fn: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        jit: bool | str,
         reports_elbo: bool,
-        batch_size: int,
-        grad_clip: float,
-        should_stop: Callable[[], bool] | None,
-        distributed: DistContext | None,
+        schedule: Schedule,
+        options: TrainOptions,
         check_each_step: bool,
         kl_weight: torch.Tensor | None = None,
-        kl_warmup: float = 0.0,
     ) -> None:
         self.loss_fn, self.elbo_fn, self.optimizer = loss_fn, elbo_fn, optimizer
-        self.kl_weight, self.kl_warmup = kl_weight, kl_warmup
+        self.kl_weight, self.kl_warmup = kl_weight, schedule.kl_warmup
+        jit, distributed = options.jit, options.distributed
         self.step_loss: Callable[[torch.Tensor], torch.Tensor] = StepLoss(
             loss_fn, jit=jit
         )
         # a different objective is minimized: its batches' ELBO is computed beside it
         self.step_elbo = None if reports_elbo else StepLoss(elbo_fn, jit=jit)
-        self.batch_size = self.step_batch = batch_size
-        self.grad_clip, self.should_stop = grad_clip, should_stop
+        self.batch_size = self.step_batch = schedule.batch_size
+        self.grad_clip, self.should_stop = schedule.grad_clip, options.should_stop
         self.distributed, self.check_each_step = distributed, check_each_step
         if distributed is not None:  # DDP averages the gradients of every backward()
             self.step_loss = distributed.data_parallel(
-                self.step_loss, loss_fn, should_stop
+                self.step_loss, loss_fn, options.should_stop
             )
-            self.step_batch = distributed.local_batch_size(batch_size)
+            self.step_batch = distributed.local_batch_size(schedule.batch_size)
+
+    @classmethod
+    def start(
+        cls,
+        model: torch.nn.Module,
+        guide: torch.nn.Module,
+        data: Splits,
+        schedule: Schedule,
+        elbo: ELBO,
+        objective: ELBO | None,
+        optimizer: torch.optim.Optimizer | None,
+        options: TrainOptions,
+    ) -> _Run:
+        """The losses of ``(model, guide)``, their optimizer and the KL weight."""
+        elbo_fn = elbo(model, guide)
+        loss_fn = elbo_fn if objective is None else objective(model, guide)
+        return cls(
+            loss_fn=loss_fn,
+            elbo_fn=elbo_fn,
+            optimizer=optimizer or make_optimizer(loss_fn.parameters(), schedule.lr),
+            reports_elbo=objective is None,
+            schedule=schedule,
+            options=options,
+            check_each_step=data.train.device.type == "cpu",
+            kl_weight=_kl_weight(objective, schedule.kl_warmup),
+        )
 
     def epoch(
-        self,
-        train_x: torch.Tensor,
-        valid_x: torch.Tensor,
-        epoch: int,
-        step: int,
-        history: list[EpochStats],
-        dynamic: bool,
+        self, data: Splits, epoch: int, step: int, history: list[EpochStats]
     ) -> EpochStats:
-        """One pass over ``train_x`` (this process's shard), then its statistics."""
+        """One pass over ``data.train`` (this process's shard), then its statistics."""
         start = time.perf_counter()
         self.loss_fn.train()  # train mode for every network in the model and guide
+        total_loss, total_elbo, seen, step = self._pass(data, epoch, step, history)
+        self.loss_fn.eval()
+        n_train = len(data.train)
         dist = self.distributed
+        if dist is not None:  # sums over every process's shard
+            summed = dist.all_sum(total_loss, total_elbo, seen)
+            total_loss, total_elbo = torch.tensor(summed[:2], dtype=torch.float64)
+            n_train = round(summed[2])
+        lagged = not self.check_each_step
+        _check_finite(total_loss, epoch, step, history, lagged=lagged)
+        if dist is not None:  # after the NaN check: a NaN explains a mismatch
+            dist.check_in_sync(self.loss_fn, epoch)
+        if self.step_elbo is None:
+            total_elbo = -total_loss
+        return EpochStats(
+            epoch=epoch,
+            train_elbo=total_elbo.item() / n_train,
+            valid_elbo=dataset_elbo(self.elbo_fn, data.valid, self.batch_size, dist),
+            seconds=time.perf_counter() - start,
+            train_loss=total_loss.item() / n_train,
+            step=step,
+        )
+
+    def _pass(
+        self, data: Splits, epoch: int, step: int, history: list[EpochStats]
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The optimizer steps of one epoch: this process's sums of the loss and of
+        the ELBO over its batches, the data it saw, and the last step's number."""
+        train_x, dist = data.train, self.distributed
         order = None if dist is None else dist.shard_order(len(train_x), epoch)
-        data = batches(
+        dynamic = data.binarization == "dynamic"
+        shuffled = batches(
             train_x, self.step_batch, shuffle=True, dynamic=dynamic, order=order
+        )
+        n_batches = -(
+            -(len(train_x) if order is None else len(order)) // self.step_batch
         )
         total_loss = torch.zeros((), device=train_x.device, dtype=torch.float64)
         total_elbo = torch.zeros_like(total_loss)
         seen = 0
-        n_batches = -(
-            -(len(train_x) if order is None else len(order)) // self.step_batch
-        )
-        for i, x in enumerate(data):
+        for i, x in enumerate(shuffled):
             step += 1
             seen += len(x)
             if self.kl_weight is not None:
@@ -373,26 +399,7 @@ class _Run:
                 stop = self.should_stop is not None and self.should_stop()
             if stop:
                 raise TrainingInterrupted(epoch, step)
-        self.loss_fn.eval()
-        n_train = len(train_x)
-        if dist is not None:  # sums over every process's shard
-            summed = dist.all_sum(total_loss, total_elbo, seen)
-            total_loss, total_elbo = torch.tensor(summed[:2], dtype=torch.float64)
-            n_train = round(summed[2])
-        lagged = not self.check_each_step
-        _check_finite(total_loss, epoch, step, history, lagged=lagged)
-        if dist is not None:  # after the NaN check: a NaN explains a mismatch
-            dist.check_in_sync(self.loss_fn, epoch)
-        if self.step_elbo is None:
-            total_elbo = -total_loss
-        return EpochStats(
-            epoch=epoch,
-            train_elbo=total_elbo.item() / n_train,
-            valid_elbo=dataset_elbo(self.elbo_fn, valid_x, self.batch_size, dist),
-            seconds=time.perf_counter() - start,
-            train_loss=total_loss.item() / n_train,
-            step=step,
-        )
+        return total_loss, total_elbo, seen, step
 
     def _step(
         self, x: torch.Tensor, epoch: int, step: int, history: list[EpochStats]
@@ -451,8 +458,8 @@ def _loss(
                 f"model ({text.splitlines()[0]}). Data in [0, 1] for a Bernoulli "
                 "likelihood must be binarized: pass the Splits from "
                 "binarize_splits(splits, 'dynamic') to train(), or "
-                "dynamic_binarization=True; otherwise choose a likelihood whose "
-                "support holds the data"
+                "Splits.of(..., binarization='dynamic'); otherwise choose a "
+                "likelihood whose support holds the data"
             ) from None
         # Under validation a NaN reaches a distribution's parameters first, and
         # torch refuses them ("... but found invalid values"): the same failure.

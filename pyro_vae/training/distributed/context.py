@@ -52,6 +52,26 @@ def init_from_env(device: torch.device, seed: int) -> DistContext:
             fewer GPUs than processes on a node, no process-group backend).
         DistributedError: when the group cannot form within the timeout.
     """
+    rank, world, local_rank, local_world = _ranks_from_env()
+    device, backend = _device_and_backend(device, local_rank, local_world)
+    if not _backend_available(backend):
+        raise ConfigError(f"this torch build has no {backend} process-group backend")
+    table, host = _join_group(backend, rank, world)
+    return DistContext(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=local_world,
+        device=device,
+        backend=backend,
+        seed=seed,
+        processes=[tuple(entry) for entry in table],
+        host_group=host,
+    )
+
+
+def _ranks_from_env() -> tuple[int, int, int, int]:
+    """(rank, world size, local rank, local world size) from torchrun's variables."""
     env = os.environ
     try:
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -61,6 +81,13 @@ def init_from_env(device: torch.device, seed: int) -> DistContext:
         raise ConfigError(
             f"RANK and WORLD_SIZE must be integers set by torchrun ({err})"
         ) from None
+    return rank, world, local_rank, local_world
+
+
+def _device_and_backend(
+    device: torch.device, local_rank: int, local_world: int
+) -> tuple[torch.device, str]:
+    """This process's device (``cuda:LOCAL_RANK`` on CUDA) and its backend."""
     if device.type == "cuda":
         if device.index is not None and local_world > 1:
             raise ConfigError(
@@ -74,13 +101,15 @@ def init_from_env(device: torch.device, seed: int) -> DistContext:
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        backend = "gloo"
-        if "OMP_NUM_THREADS" not in env:
-            torch.set_num_threads(max(1, cpu_cores() // local_world))
-    if not _backend_available(backend):
-        raise ConfigError(f"this torch build has no {backend} process-group backend")
+        return device, "nccl"
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, cpu_cores() // local_world))
+    return device, "gloo"
+
+
+def _join_group(backend: str, rank: int, world: int) -> tuple[list[Any], Any]:
+    """Join the process group; every process's (host, pid), and a gloo group for it."""
+    env = os.environ
     try:
         dist.init_process_group(
             backend, rank=rank, world_size=world, timeout=collective_timeout()
@@ -95,17 +124,7 @@ def init_from_env(device: torch.device, seed: int) -> DistContext:
             f"({first_line(err)}); check MASTER_ADDR/MASTER_PORT and that every "
             "process was started"
         ) from None
-    return DistContext(
-        rank=rank,
-        world_size=world,
-        local_rank=local_rank,
-        local_world_size=local_world,
-        device=device,
-        backend=backend,
-        seed=seed,
-        processes=[tuple(entry) for entry in table],
-        host_group=host,
-    )
+    return table, host
 
 
 @dataclass
