@@ -23,12 +23,26 @@ from pyro_vae.losses.select import make_kernel
 from pyro_vae.memory import format_bytes, machine_memory
 
 __all__ = [
+    "RESUMABLE",
     "MAX_EPOCHS",
     "MAX_SEED",
     "FitConfig",
     "resolve_device",
 ]
 
+#: settings a resumed run may change (``--resume RUN_DIR`` with these flags)
+RESUMABLE = (
+    "epochs",
+    "lr",
+    "device",
+    "quiet",
+    "checkpoint_every",
+    "grad_clip",
+    "jit",
+    "eval_k",
+    "devices",
+    "num_nodes",
+)
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which pyro.set_rng_seed uses
 MAX_EPOCHS = 10**9
 _MAX_INT = 2**63 - 1  # what torch holds in an int64

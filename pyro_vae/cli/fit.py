@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from pyro_vae.cli import rundir, signals
-from pyro_vae.cli.config import FitConfig, resolve_device
+from pyro_vae.cli.config import RESUMABLE, FitConfig, resolve_device
 from pyro_vae.cli.parts import KINDS, REGISTRIES, check_options
 from pyro_vae.cli.run import Interrupted, run
 from pyro_vae.data import BINARIZATIONS
@@ -44,20 +44,6 @@ from pyro_vae.training import distributed
 from pyro_vae.training.loop import ELBOS
 
 __all__ = ["RESUMABLE", "build_parser", "main", "parse_args", "parse_command"]
-
-#: settings a resumed run may change
-RESUMABLE = (
-    "epochs",
-    "lr",
-    "device",
-    "quiet",
-    "checkpoint_every",
-    "grad_clip",
-    "jit",
-    "eval_k",
-    "devices",
-    "num_nodes",
-)
 
 _CHOICES = {
     "dataset": DATASETS,

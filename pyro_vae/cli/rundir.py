@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from pyro_vae.cli import runlock
-from pyro_vae.cli.config import FitConfig
+from pyro_vae.cli.config import RESUMABLE, FitConfig
 from pyro_vae.data import BINARIZE_SEED, Splits
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.files import atomic_open, atomic_write_text
@@ -71,21 +71,9 @@ RUN_FILES = {
     "figures",
     runlock.LOCK_NAME,
 }
-#: the settings a resume may change (``pyro_vae.cli.fit.RESUMABLE``) and the directory's
-#: name: a checkpoint and ``config.json`` of one run may differ in these only
-MAY_DIFFER = {
-    "epochs",
-    "lr",
-    "device",
-    "quiet",
-    "checkpoint_every",
-    "grad_clip",
-    "jit",
-    "eval_k",
-    "devices",
-    "num_nodes",
-    "out",
-}
+#: the settings a resume may change and the directory's name: a checkpoint and
+#: ``config.json`` of one run may differ in these only
+MAY_DIFFER = {*RESUMABLE, "out"}
 #: a run that stopped before its first checkpoint holds only these: it can start over
 STARTED_FILES = {"config.json", "history.csv"}
 
