@@ -228,3 +228,16 @@ def test_wheel_contains_models_and_guides_inside_pyro_vae(tmp_path):
     assert sorted(sources - names) == []
     tops = {n.split("/")[0] for n in names}
     assert "models" not in tops and "guides" not in tops
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A source file that .gitignore hides never reaches a clone (data/ once hid
+    pyro_vae/data/__init__.py, and a fresh clone could not import pyro_vae.data)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(REPO)) for p in _package_files()]
+    files += [str(p.relative_to(REPO)) for p in sorted((REPO / "tests").glob("*.py"))]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *files], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    assert ignored == []
