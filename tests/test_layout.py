@@ -238,6 +238,9 @@ def test_no_source_file_is_ignored_by_git():
     files = [str(p.relative_to(REPO)) for p in _package_files()]
     files += [str(p.relative_to(REPO)) for p in sorted((REPO / "tests").glob("*.py"))]
     ignored = subprocess.run(
-        ["git", "check-ignore", "--no-index", *files], cwd=REPO, capture_output=True, text=True
+        ["git", "check-ignore", "--no-index", *files],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert ignored == []

@@ -11,6 +11,11 @@ Imports torch, numpy and :mod:`pyro_vae.errors`; nothing else of pyro_vae.
 
 from __future__ import annotations
 
+from pyro_vae.data.sources import (
+    DATASETS,
+    IDX_FILES,
+    load_dataset,
+)
 from pyro_vae.data.splits import (
     BINARIZATIONS,
     BINARIZE_SEED,
@@ -21,11 +26,6 @@ from pyro_vae.data.splits import (
     check_images,
     evaluation_split,
     split_train_valid,
-)
-from pyro_vae.data.sources import (
-    DATASETS,
-    IDX_FILES,
-    load_dataset,
 )
 
 __all__ = [

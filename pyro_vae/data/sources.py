@@ -15,16 +15,15 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pyro_vae.data import Splits, check_images, split_train_valid
-from pyro_vae.files import atomic_open
+from pyro_vae.data.splits import Splits, check_images, split_train_valid
 from pyro_vae.errors import DataError
+from pyro_vae.files import atomic_open
 
 __all__ = ["DATASETS", "IDX_FILES", "load_dataset"]
 
