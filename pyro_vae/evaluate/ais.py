@@ -438,26 +438,31 @@ def _split_log_prob(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(z), log p(x | z)) of a model trace conditioned on the latents."""
     trace.compute_log_prob()
-    prior = lik = 0.0
+    prior, lik = [], []
     for name, site in _sample_sites(trace):
         lp = _checked(site["log_prob"], shape, name, "model")
-        if name in latents:
-            prior = prior + lp
-        else:
-            lik = lik + lp
-    zero = torch.zeros(shape)
-    return zero + prior, zero + lik
+        (prior if name in latents else lik).append(lp)
+    return _total(prior, shape), _total(lik, shape)
 
 
 def _sum_sites(trace: poutine.Trace, shape: tuple[int, int], who: str) -> torch.Tensor:
     trace.compute_log_prob()
-    total = 0.0
-    for name, site in _sample_sites(trace):
-        total = total + _checked(site["log_prob"], shape, name, who)
-    return torch.zeros(shape) + total
+    return _total(
+        [_checked(s["log_prob"], shape, n, who) for n, s in _sample_sites(trace)],
+        shape,
+    )
 
 
-def _checked(lp: torch.Tensor, shape: tuple[int, int], name: str, who: str):
+def _total(terms: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """The sum of log_prob terms ``(chains, N)``, on their device and dtype."""
+    if not terms:
+        raise SiteContractError("a trace with no sample site to score")
+    return sum(terms[1:], terms[0])
+
+
+def _checked(
+    lp: torch.Tensor, shape: tuple[int, int], name: str, who: str
+) -> torch.Tensor:
     if lp.shape != shape:
         raise SiteContractError(
             f"the {who}'s site {name!r} has log_prob shape {tuple(lp.shape)}, not "
