@@ -56,10 +56,13 @@ the log-mean-exps are computed in float64 from it. Memory is therefore about
 which :func:`plan_particle_chunk` sizes from a memory budget.
 
 **Randomness.** With ``seed`` set, the torch RNG is reseeded at the start of each data
-chunk from (seed, index of its first datum), inside ``torch.random.fork_rng`` so the
-caller's RNG state is untouched. A datum's draws then depend only on the seed and its
-data chunk, not on the particle chunk size (on CPU, where torch's normal sampler
-fills a stream in order; particle chunks are kept to multiples of 16 for this).
+chunk from (seed, global index of its first datum), inside ``torch.random.fork_rng``
+so the caller's RNG state is untouched. A datum's draws then depend only on the seed
+and its data chunk, not on the particle chunk size (on CPU, where torch's normal
+sampler fills a stream in order; particle chunks are kept to multiples of 16 for
+this). A shard ``data[lo:hi]`` of a larger set, passed with ``index_offset=lo``,
+draws what the whole set draws for those data when ``lo`` is a multiple of
+``data_chunk``, so sharded runs over several processes equal a one-process run.
 
 References:
     Burda, Grosse & Salakhutdinov (2016), Importance Weighted Autoencoders,
@@ -201,6 +204,7 @@ def log_marginal(
     memory_budget: int | None = None,
     seed: int | None = None,
     psis: bool = True,
+    index_offset: int = 0,
 ) -> LogMarginal:
     """Estimate log p(x) for every row of ``data`` by importance sampling with q.
 
@@ -215,6 +219,10 @@ def log_marginal(
         seed: reseed per data chunk (see the module docstring); None uses the
             current RNG stream.
         psis: compute k̂ and ESS (ArviZ); otherwise they are NaN.
+        index_offset: the global index of ``data[0]`` (a shard of a larger set): a
+            data chunk starting at ``first`` is seeded from ``index_offset + first``,
+            so with ``index_offset`` a multiple of ``data_chunk`` the shard's
+            results equal those rows of a run over the whole set.
 
     Returns:
         A :class:`LogMarginal` of float64 per-datum values on the CPU.
@@ -233,7 +241,7 @@ def log_marginal(
         x = data[first : first + n_chunk]
         with forked_rng(data, enabled=seed is not None):
             if seed is not None:
-                torch.manual_seed(chunk_seed(seed, first))
+                torch.manual_seed(chunk_seed(seed, index_offset + first))
             buffer = _weights_buffer(model, guide, x, k, particle_chunk)
         parts.append(_chunk_statistics(buffer, grid, psis))
     chunks = {"data": n_chunk, "particles": particle_chunk}

@@ -42,6 +42,7 @@ _COLLECTIVE_FAILURE = (
     "timeout",
     "processgroup",
     "c10d",
+    "monitoredbarrier",  # gloo's monitored_barrier: a rank that exited or hung
 )
 
 

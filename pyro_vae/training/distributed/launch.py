@@ -1,4 +1,5 @@
-"""Starting the processes: ``python -m pyro_vae.fit`` on W processes through torchrun.
+"""Starting the processes: ``python -m pyro_vae.fit`` (or another module) on W
+processes through torchrun.
 
 Used before any process group exists: :func:`needs_launch` tells the command line to
 re-run itself through ``torchrun`` (:func:`launch`), and :func:`launched` tells a
@@ -36,8 +37,10 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def launch_command(argv: Sequence[str], devices: int, num_nodes: int) -> list[str]:
-    """The ``torchrun`` command running ``python -m pyro_vae.fit ARGV`` on W processes.
+def launch_command(
+    argv: Sequence[str], devices: int, num_nodes: int, module: str = "pyro_vae.fit"
+) -> list[str]:
+    """The ``torchrun`` command running ``python -m MODULE ARGV`` on W processes.
 
     One node uses ``--standalone`` (a local rendezvous on a free port). Several nodes
     use a static rendezvous: ``MASTER_ADDR``, ``MASTER_PORT`` (of node 0) and
@@ -71,21 +74,25 @@ def launch_command(argv: Sequence[str], devices: int, num_nodes: int) -> list[st
             "--master-port",
             os.environ["MASTER_PORT"],
         ]
-    return [*cmd, "-m", "pyro_vae.fit", *argv]
+    return [*cmd, "-m", module, *argv]
 
 
-def launch(argv: Sequence[str], devices: int, num_nodes: int) -> int:
-    """Run ``python -m pyro_vae.fit ARGV`` on ``devices`` processes through torchrun.
+def launch(
+    argv: Sequence[str], devices: int, num_nodes: int, module: str = "pyro_vae.fit"
+) -> int:
+    """Run ``python -m MODULE ARGV`` on ``devices`` processes through torchrun.
 
-    Each process gets ``OMP_NUM_THREADS = cores // devices`` unless it is set. This
-    process waits; Ctrl-C reaches the workers directly (they stop after the current
-    step and rank 0 writes a checkpoint), and SIGTERM is passed on to torchrun.
+    ``module`` is ``pyro_vae.fit`` (training) or ``pyro_vae.evaluate`` (sharded
+    evaluation). Each process gets ``OMP_NUM_THREADS = cores // devices`` unless it
+    is set. This process waits; Ctrl-C reaches the workers directly (training stops
+    after the current step and rank 0 writes a checkpoint), and SIGTERM is passed on
+    to torchrun.
 
     Returns:
         torchrun's exit status (0 when every process succeeded), or 128 + the
         signal's number when a signal stopped the run (130 for SIGINT).
     """
-    cmd = launch_command(argv, devices, num_nodes)
+    cmd = launch_command(argv, devices, num_nodes, module)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // devices)))
     proc = subprocess.Popen(cmd, env=env)
