@@ -17,8 +17,8 @@ from pyro_vae.evaluate.ais import ais_log_marginal
 from pyro_vae.evaluate.annealing import betas
 from pyro_vae.evaluate.bdmc import bdmc, simulate
 from pyro_vae.models import VAE
-from pyro_vae.models.linear_gaussian import LinearGaussian, PosteriorGuide
 from pyro_vae.models.likelihoods import BernoulliLikelihood
+from pyro_vae.models.linear_gaussian import LinearGaussian, PosteriorGuide
 
 FAST = {"chains": 4, "leapfrog": 3}
 

@@ -83,3 +83,75 @@ def test_bench_evaluate_times_both_estimators(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["k"], row["n"]) == (16, 12)
     assert row["pyro_vae_seconds"] > 0 and math.isfinite(row["ratio"])
+
+
+def test_bench_ais_speed_times_both_passes(tmp_path):
+    bench = _load("bench_ais")
+    out = tmp_path / "bench_ais.json"
+    argv = ["--chains", "3", "--leapfrog", "2", "--json", str(out), "speed"]
+    argv += ["--cases", "digits 64-400-10", "--n", "4", "--steps", "3"]
+    argv += ["--pilot-steps", "4", "--repeats", "1"]
+    assert _float32(lambda: bench.main(argv)) == 0
+    saved = json.loads(out.read_text())["speed"]
+    assert saved["meta"]["dtype"] == "float32" and "1.3" in saved["target"]
+    (row,) = saved["rows"]
+    assert (row["n"], row["chains"], row["leapfrog"], row["steps"]) == (4, 3, 2, 3)
+    for key in ("pyro_vae_seconds_per_transition", "reference_seconds_per_transition"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert math.isfinite(row["ratio"]) and 0 <= row["acceptance"] <= 1
+    # The same draws and step sizes: the two passes agree chain by chain.
+    assert row["fraction_of_chains_agreeing"] >= 0.9, row
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One epoch on digits, no evaluation: a run directory for bench_ais quality."""
+    from pyro_vae.cli.fit import main as fit_main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    argv = ["--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--quiet"]
+    assert fit_main([*argv, "--eval-k", "0", "--out", str(out)]) == 0
+    return out
+
+
+def test_bench_ais_quality_writes_is_ais_and_bdmc_rows(tmp_path, tiny_run):
+    bench = _load("bench_ais")
+    out = tmp_path / "bench_ais.json"
+    out.write_text(json.dumps({"speed": {"kept": True}}))  # the other part stays
+    argv = ["--chains", "2", "--leapfrog", "2", "--json", str(out), "quality"]
+    argv += ["--run", str(tiny_run), "--n", "4", "--is-k", "10"]
+    argv += ["--ais-steps", "2,3", "--bdmc-steps", "3", "--bdmc-n", "2"]
+    assert _float32(lambda: bench.main(argv)) == 0
+    saved = json.loads(out.read_text())
+    assert saved["speed"] == {"kept": True}
+    quality = saved["quality"]
+    settings = quality["settings"]
+    assert (settings["is_k"], settings["ais_steps"], settings["n"]) == (10, [2, 3], 4)
+    assert (settings["chains"], settings["leapfrog"], settings["bdmc_n"]) == (2, 2, 2)
+    (run,) = quality["runs"]
+    assert run["dataset"] == "digits" and run["binarize"] == "dynamic"
+    assert run["binarization"].startswith("dynamic") and run["n"] == 4
+    is_row, *ais_rows = run["rows"]
+    assert is_row["estimator"] == "IS" and is_row["k"] == 10
+    assert 0 <= is_row["fraction_khat_above_0.7"] <= 1
+    assert [r["steps"] for r in ais_rows] == [2, 3]
+    for row in ais_rows:
+        for key in ("log_px", "is_minus_ais"):
+            assert all(math.isfinite(v) for v in row[key].values()), (key, row)
+        assert 0 <= row["acceptance"]["mean"] <= 1 and row["seconds"] > 0
+        assert -100 < row["log_px"]["mean"] < 0
+    (sandwich,) = run["bdmc"]["rows"]
+    assert sandwich["steps"] == 3 and math.isfinite(sandwich["gap"]["mean"])
+    assert sandwich["lower"]["mean"] <= sandwich["upper"]["mean"] + 5
+    assert "BDMC steps" in quality["table"] and "AIS, T = 3" in quality["table"]
+
+
+def test_bench_ais_time_budget_skips_rows_it_cannot_afford():
+    budget = _load("bench_ais").Budget(10.0)
+    assert budget.skip("ais", 100) is None  # no rate yet: the first row runs
+    budget.spent("ais", 100, 4.0)  # 0.04 s per unit of work, 6 s left
+    assert budget.skip("ais", 100) is None
+    assert "predicted 40 s" in budget.skip("ais", 1000)
+    budget.spent("ais", 100, 7.0)
+    assert budget.skip("bdmc", 1) == "the time budget is spent"
+    assert _load("bench_ais").Budget(None).skip("ais", 1e12) is None

@@ -23,6 +23,7 @@ from pyro_vae.losses.select import make_kernel
 from pyro_vae.memory import format_bytes, machine_memory
 
 __all__ = [
+    "EVAL_METHODS",
     "RESUMABLE",
     "MAX_EPOCHS",
     "MAX_SEED",
@@ -40,9 +41,15 @@ RESUMABLE = (
     "grad_clip",
     "jit",
     "eval_k",
+    "eval_method",
+    "eval_ais_steps",
+    "eval_chains",
+    "eval_leapfrog",
     "devices",
     "num_nodes",
 )
+#: ``--eval-method``: as ``python -m pyro_vae.evaluate --method``
+EVAL_METHODS = ("is", "ais", "both")
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which pyro.set_rng_seed uses
 MAX_EPOCHS = 10**9
 _MAX_INT = 2**63 - 1  # what torch holds in an int64
@@ -118,8 +125,20 @@ class FitConfig:
     )
     # evaluation
     eval_k: int = _f(
-        1000, "importance samples per datum for the final test log p(x); 0 skips it"
+        1000,
+        "importance samples per datum for the final test log p(x); 0 skips the "
+        "final evaluation, whatever --eval-method",
     )
+    eval_method: str = _f(
+        "is",
+        "the final test log p(x) by is (importance sampling, --eval-k), ais "
+        "(annealed importance sampling, --eval-ais-steps) or both, compared per datum",
+    )
+    eval_ais_steps: int = _f(
+        1000, "AIS steps (>= 2) of the final evaluation (ais, both)"
+    )
+    eval_chains: int = _f(16, "AIS chains per datum of the final evaluation")
+    eval_leapfrog: int = _f(10, "leapfrog steps per AIS transition, final evaluation")
     # run
     checkpoint_every: int = _f(1, "write checkpoint.pt every N epochs (and at the end)")
     grad_clip: float = _f(0.0, "clip the global gradient norm to this; 0 is off")
@@ -289,6 +308,23 @@ def _range_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
         (
             cfg.eval_k == 0 or cfg.eval_k >= 2,
             f"--eval-k must be 0 (skip) or >= 2, got {cfg.eval_k}",
+        ),
+        (
+            cfg.eval_method in EVAL_METHODS,
+            f"--eval-method must be one of {', '.join(EVAL_METHODS)}, got "
+            f"{cfg.eval_method!r}",
+        ),
+        (
+            cfg.eval_ais_steps >= 2,
+            f"--eval-ais-steps must be >= 2 (one step has no transition), got "
+            f"{cfg.eval_ais_steps}",
+        ),
+        *(
+            (
+                getattr(cfg, name) >= 1,
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}",
+            )
+            for name in ("eval_chains", "eval_leapfrog")
         ),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
         (

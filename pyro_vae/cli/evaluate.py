@@ -1,8 +1,11 @@
-"""``python -m pyro_vae.evaluate RUN_DIR``: importance-sampled log p(x) of a run.
+"""``python -m pyro_vae.evaluate RUN_DIR``: log p(x) of a run, per datum.
 
 Loads ``RUN_DIR/checkpoint.pt``, estimates log p̂(x) per datum with K importance
-samples, checks ELBO ≤ IWAE_k ≤ log p̂(x), and writes ``evaluation.json``,
-``evaluation.nc`` and two figures into the run directory.
+samples (``--method is``, checking ELBO ≤ IWAE_k ≤ log p̂(x)), by annealed importance
+sampling (``--method ais``) or both, optionally measures AIS's error by BDMC on data
+simulated from the model (``--bdmc N``), and writes ``evaluation.json``,
+``evaluation.nc`` and the figures into the run directory
+(:mod:`pyro_vae.cli.evaluation`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from pathlib import Path
 
 from pyro_vae.cli import rundir, runlock
 from pyro_vae.cli.config import resolve_device
-from pyro_vae.cli.evaluation import evaluate_split, format_summary
+from pyro_vae.cli.evaluation import estimate, format_summary, write_evaluation
+from pyro_vae.cli.evaluation_ais import METHODS, AISOptions, run_bdmc
 from pyro_vae.cli.loading import load, load_run_data
 from pyro_vae.data import evaluation_split
 from pyro_vae.errors import CommandParser, PyroVAEError
@@ -58,6 +62,48 @@ def _samples(text: str) -> int:
     return value
 
 
+def _ais_steps(text: str) -> int:
+    """``--ais-steps``: at least 2; one step has no transition."""
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            "must be at least 2: one step has no transition (it is importance "
+            "sampling with --chains draws; use --method is)"
+        )
+    return value
+
+
+def _count(text: str) -> int:
+    """``--bdmc``: 0 (skip), or at least 2 data (one gives no standard error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (skip) or a number of data >= 2, got {text!r}"
+        ) from None
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (skip) or a number of data >= 2, got {value}"
+        )
+    return value
+
+
+def _steps_list(text: str) -> tuple[int, ...]:
+    """``--bdmc-steps``: a comma list of whole numbers >= 2, e.g. ``100,1000``."""
+    try:
+        steps = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a comma list of whole numbers >= 2, e.g. 100,1000; got {text!r}"
+        ) from None
+    if min(steps) < 2:
+        raise argparse.ArgumentTypeError(
+            f"every entry must be >= 2 (one step has no transition to test), got "
+            f"{text!r}"
+        )
+    return steps
+
+
 _SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed takes
 
 
@@ -76,8 +122,8 @@ def _seed(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="python -m pyro_vae.evaluate",
-        description="Importance-sampled log p(x), per datum, of a trained run, in "
-        "nats per datum (higher is better).",
+        description="log p(x), per datum, of a trained run by importance sampling "
+        "and/or annealed importance sampling, in nats per datum (higher is better).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -94,7 +140,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:I")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the draws")
+    _add_ais_arguments(parser)
     return parser
+
+
+def _add_ais_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = AISOptions()
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="is",
+        help="is: importance sampling (K = --k); ais: annealed importance sampling; "
+        "both: both, compared per datum",
+    )
+    parser.add_argument(
+        "--ais-steps",
+        type=_ais_steps,
+        default=defaults.steps,
+        help="AIS: intermediate distributions from the guide to p(z|x) (>= 2)",
+    )
+    parser.add_argument(
+        "--chains",
+        type=_positive,
+        default=defaults.chains,
+        help="AIS (and BDMC): chains per datum",
+    )
+    parser.add_argument(
+        "--leapfrog",
+        type=_positive,
+        default=defaults.leapfrog,
+        help="AIS (and BDMC): leapfrog steps per HMC transition",
+    )
+    parser.add_argument(
+        "--bdmc",
+        type=_count,
+        default=defaults.bdmc,
+        metavar="N",
+        help="BDMC: bound AIS's error on N data simulated from the model; 0 skips it",
+    )
+    parser.add_argument(
+        "--bdmc-steps",
+        type=_steps_list,
+        default=defaults.bdmc_steps,
+        metavar="S1,S2,...",
+        help="BDMC: the AIS steps to sandwich at, a comma list",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,12 +221,21 @@ def _evaluate(args: argparse.Namespace) -> dict:
     x = evaluation_split(splits, args.split, binarize)
     if args.n is not None:
         x = x[: args.n]
-    return evaluate_split(
+    options = AISOptions(
+        args.ais_steps, args.chains, args.leapfrog, args.bdmc, args.bdmc_steps
+    )
+    # the per-datum estimates of x, then the files: data could be split between
+    estimates = estimate(
+        model, guide, x, method=args.method, k=args.k, seed=args.seed, options=options
+    )
+    sandwich = run_bdmc(model, guide, options, seed=args.seed, device=device)
+    return write_evaluation(
         model,
         guide,
         x,
         args.run_dir,
-        k=args.k,
+        estimates,
+        sandwich,
         seed=args.seed,
         split=args.split,
         binarization=rundir.binarization_note(binarize),

@@ -1,12 +1,24 @@
 """Run the evaluation on one split and write its files into a run directory.
 
-* ``evaluation.json``: mean ELBO, mean log p̂(x) ± se, the IWAE_k table, the gap, a
-  k̂ summary, K, n, seconds, the split and its binarization, and the latent
-  diagnostics of :mod:`pyro_vae.evaluate.latents` under ``latents``;
+By importance sampling (``method="is"``, the default), annealed importance sampling
+(``"ais"``) or both, with the BDMC check of AIS when asked (:mod:`.evaluation_ais`).
+
+* ``evaluation.json``: for IS, mean ELBO, mean log p̂(x) ± se, the IWAE_k table, the
+  gap, a k̂ summary, K, n, seconds; for AIS the ``ais`` section, ``is_minus_ais`` (both)
+  and ``bdmc``, with ``ais_warnings``; always the split, its binarization and the
+  latent diagnostics of :mod:`pyro_vae.evaluate.latents` under ``latents``;
 * ``evaluation.nc``: ArviZ InferenceData: a few posterior draws of z per datum in
   ``posterior`` and, in the group ``evaluation``, per-datum log p̂(x), its se, the
-  ELBO, the gap, k̂ and ESS;
-* ``figures/iwae_vs_k.png`` and ``figures/khat.png``.
+  ELBO, the gap, k̂ and ESS (IS), ``log_px_ais``, ``log_px_ais_se`` and
+  ``acceptance_ais`` (AIS);
+* ``figures/iwae_vs_k.png`` and ``figures/khat.png`` (IS), ``figures/is_vs_ais.png``
+  (both) and ``figures/bdmc.png`` (BDMC). A figure of an earlier evaluation that this
+  one does not draw is removed: it would describe other numbers.
+
+The work is in two steps, so that the data can be split between them: :func:`estimate`
+computes the per-datum estimates of a tensor ``x`` (a shard of a split, with
+``index_offset``), and :func:`write_evaluation` checks them, summarizes them and writes
+the files. :func:`evaluate_split` does both, with the BDMC check between.
 """
 
 from __future__ import annotations
@@ -15,13 +27,28 @@ import json
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
 import torch
 from pyro import poutine
 
-from pyro_vae.cli import plots
+from pyro_vae.cli import plots, plots_ais
+from pyro_vae.cli.evaluation_ais import (
+    METHODS,
+    AISOptions,
+    ais_lines,
+    ais_section,
+    ais_warnings,
+    compare,
+    json_safe,
+    run_ais,
+    run_bdmc,
+)
+from pyro_vae.errors import ConfigError
+from pyro_vae.evaluate.ais import AISResult
+from pyro_vae.evaluate.bdmc import BDMCResult
 from pyro_vae.evaluate.check import check_against_pyro, check_consistency
 from pyro_vae.evaluate.latents import latent_diagnostics
 from pyro_vae.evaluate.marginal import LogMarginal, log_marginal
@@ -30,13 +57,57 @@ from pyro_vae.rng import forked_rng
 
 __all__ = [
     "POSTERIOR_DRAWS",
+    "Estimates",
+    "estimate",
     "evaluate_split",
     "format_summary",
     "latents_line",
     "posterior_draws",
+    "write_evaluation",
 ]
 
 POSTERIOR_DRAWS = 8
+#: the figures of an evaluation, each drawn only by some methods
+FIGURES = ("iwae_vs_k", "khat", "is_vs_ais", "bdmc")
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """Per-datum estimates of one tensor of data: IS, AIS, or both."""
+
+    importance: LogMarginal | None
+    ais: AISResult | None
+
+
+def estimate(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    method: str,
+    k: int,
+    seed: int,
+    options: AISOptions = AISOptions(),  # noqa: B008 - frozen, never mutated
+    index_offset: int = 0,
+) -> Estimates:
+    """log p̂(x) per datum of ``x`` by ``method``: ``"is"``, ``"ais"`` or ``"both"``.
+
+    ``x`` may be a shard of a larger set whose first datum has the global index
+    ``index_offset``: each datum then gets the draws it gets in the whole set (for
+    IS, when ``index_offset`` is a multiple of ``log_marginal``'s data chunk). AIS
+    runs first: a model it cannot take (a discrete latent) is refused before the
+    long importance sampling.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    ais = importance = None
+    if method != "is":
+        ais = run_ais(model, guide, x, options, seed=seed, index_offset=index_offset)
+    if method != "ais":
+        importance = log_marginal(
+            model, guide, x, k, seed=seed, index_offset=index_offset
+        )
+    return Estimates(importance, ais)
 
 
 def evaluate_split(
@@ -49,35 +120,134 @@ def evaluate_split(
     seed: int,
     split: str,
     binarization: str,
+    method: str = "is",
+    options: AISOptions = AISOptions(),  # noqa: B008 - frozen, never mutated
 ) -> dict:
     """Estimate log p(x) on ``x``, check it, write the files; return the summary."""
+    estimates = estimate(
+        model, guide, x, method=method, k=k, seed=seed, options=options
+    )
+    sandwich = run_bdmc(model, guide, options, seed=seed, device=x.device)
+    return write_evaluation(
+        model,
+        guide,
+        x,
+        out,
+        estimates,
+        sandwich,
+        seed=seed,
+        split=split,
+        binarization=binarization,
+    )
+
+
+def write_evaluation(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    out: str | os.PathLike,
+    estimates: Estimates,
+    sandwich: BDMCResult | None,
+    *,
+    seed: int,
+    split: str,
+    binarization: str,
+) -> dict:
+    """Check and summarize ``estimates`` of ``x``; write the files; the summary."""
     out = Path(out)
-    result = log_marginal(model, guide, x, k, seed=seed)
-    violations = check_consistency(result)
-    against_pyro = check_against_pyro(model, guide, x, result, seed=seed)
+    result, ais = estimates.importance, estimates.ais
+    if result is not None:  # the keys in the order of an IS evaluation of old
+        checks = _importance_checks(model, guide, x, result, seed)
+        first = result.summary()
+        estimator = (
+            f"importance sampling with the guide as proposal, K = {result.k} per "
+            "datum; se by the delta method; IWAE_k from disjoint groups of k"
+        )
+    else:
+        checks, first = {}, {"n": len(x), "seconds": ais.seconds}
+        estimator = "annealed importance sampling (see ais)"
     summary = {
-        **result.summary(),
+        **first,
         "latents": latent_diagnostics(model, guide, x, seed=seed),
         "split": split,
         "binarization": binarization,
-        "estimator": (
-            f"importance sampling with the guide as proposal, K = {k} per datum; "
-            "se by the delta method; IWAE_k from disjoint groups of k"
-        ),
+        "estimator": estimator,
         "units": "nats per datum, higher is better",
-        "consistency_violations_within_chance": violations,
-        "check_against_pyro_trace_elbo": against_pyro,
-        "chunks": result.chunks,
+        **checks,
+        **_ais_summary(estimates, sandwich),
     }
     _write_json(out / "evaluation.json", summary)
-    _write_netcdf(out / "evaluation.nc", result, posterior_draws(guide, x, seed))
-    plots.plot_iwae_vs_k(summary, out / "figures" / "iwae_vs_k.png")
-    plots.plot_khat(result.khat.numpy(), out / "figures" / "khat.png")
+    _write_netcdf(out / "evaluation.nc", estimates, posterior_draws(guide, x, seed))
+    _draw(out / "figures", summary, estimates)
     return summary
 
 
+def _importance_checks(
+    model: Callable, guide: Callable, x: torch.Tensor, result: LogMarginal, seed: int
+) -> dict:
+    """Both checks of the IS estimates (raise on a bug), and its chunks."""
+    return {
+        "consistency_violations_within_chance": check_consistency(result),
+        "check_against_pyro_trace_elbo": check_against_pyro(
+            model, guide, x, result, seed=seed
+        ),
+        "chunks": result.chunks,
+    }
+
+
+def _ais_summary(estimates: Estimates, sandwich: BDMCResult | None) -> dict:
+    """``ais``, ``is_minus_ais``, ``bdmc`` and ``ais_warnings``, as far as they ran."""
+    part: dict = {}
+    if estimates.ais is not None:
+        part["ais"] = ais_section(estimates.ais)
+        if estimates.importance is not None:
+            part["is_minus_ais"] = json_safe(
+                compare(estimates.importance, estimates.ais)
+            )
+    if sandwich is not None:
+        part["bdmc"] = json_safe(sandwich.summary())
+    if part:
+        part["ais_warnings"] = ais_warnings(part)
+    return part
+
+
+def _draw(figures: Path, summary: dict, estimates: Estimates) -> None:
+    """Draw this evaluation's figures; remove those of an earlier one it has not."""
+    result, ais = estimates.importance, estimates.ais
+    drawn = set()
+    if result is not None:
+        plots.plot_iwae_vs_k(summary, figures / "iwae_vs_k.png")
+        plots.plot_khat(result.khat.numpy(), figures / "khat.png")
+        drawn |= {"iwae_vs_k", "khat"}
+    if result is not None and ais is not None:
+        diff = (result.log_px - ais.log_px).numpy()
+        plots_ais.plot_is_vs_ais(result.khat.numpy(), diff, figures / "is_vs_ais.png")
+        drawn.add("is_vs_ais")
+    if "bdmc" in summary:
+        plots_ais.plot_bdmc(summary["bdmc"], figures / "bdmc.png")
+        drawn.add("bdmc")
+    for name in set(FIGURES) - drawn:
+        (figures / f"{name}.png").unlink(missing_ok=True)
+
+
 def format_summary(summary: dict) -> str:
-    """The evaluation table, in nats per datum."""
+    """The evaluation table, in nats per datum; the AIS rows and warnings after."""
+    if "log_px" in summary:
+        rows = _importance_lines(summary)
+    else:  # AIS alone
+        rows = [
+            f"{summary['split']} split, n = {summary['n']}, AIS "
+            f"({summary['seconds']:.1f} s)",
+            f"{'estimate':<14}{'nats/datum':>12}{'± se':>10}",
+        ]
+    rows += ais_lines(summary)
+    if "latents" in summary:
+        rows.append(latents_line(summary["latents"]))
+    rows += [f"WARNING: {warning}" for warning in summary.get("ais_warnings", [])]
+    return "\n".join(rows)
+
+
+def _importance_lines(summary: dict) -> list[str]:
     rows = [
         f"{summary['split']} split, n = {summary['n']}, K = {summary['k']} "
         f"({summary['seconds']:.1f} s)",
@@ -88,14 +258,11 @@ def format_summary(summary: dict) -> str:
         if 1 < int(k) < summary["k"]:
             rows.append(f"{'IWAE_' + k:<14}{v['mean']:12.3f}{v['se']:10.3f}")
     lp, gap, khat = summary["log_px"], summary["gap"], summary["khat"]
-    rows += [
+    return rows + [
         f"{'log p̂(x)':<14}{lp['mean']:12.3f}{lp['se']:10.3f}",
         f"{'gap (KL)':<14}{gap['mean']:12.3f}{gap['se']:10.3f}",
         _khat_line(khat),
     ]
-    if "latents" in summary:
-        rows.append(latents_line(summary["latents"]))
-    return "\n".join(rows)
 
 
 def latents_line(lat: dict) -> str:
@@ -140,23 +307,34 @@ def _write_json(path: Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
-def _write_netcdf(path: Path, result: LogMarginal, z: torch.Tensor) -> None:
+def _write_netcdf(path: Path, estimates: Estimates, z: torch.Tensor) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ArviZ's refactor notice; custom group
         import arviz as az
         import xarray as xr
 
-        per_datum = {
-            "log_px": result.log_px,
-            "log_px_se": result.log_px_se,
-            "elbo": result.elbo,
-            "gap": result.gap,
-            "khat": result.khat,
-            "ess": result.ess,
-        }
+        per_datum, attrs = {}, {}
+        result, ais = estimates.importance, estimates.ais
+        if result is not None:
+            per_datum |= {
+                "log_px": result.log_px,
+                "log_px_se": result.log_px_se,
+                "elbo": result.elbo,
+                "gap": result.gap,
+                "khat": result.khat,
+                "ess": result.ess,
+            }
+            attrs["K"] = result.k
+        if ais is not None:
+            per_datum |= {
+                "log_px_ais": ais.log_px,
+                "log_px_ais_se": ais.log_px_se,
+                "acceptance_ais": ais.acceptance,
+            }
+            attrs |= {f"ais_{key}": value for key, value in ais.settings().items()}
         evaluation = xr.Dataset(
             {name: ("datum", value.numpy()) for name, value in per_datum.items()},
-            attrs={"K": result.k, "units": "nats per datum"},
+            attrs={**attrs, "units": "nats per datum"},
         )
         posterior = az.dict_to_dataset(
             {"z": z.double().numpy()[None]}, dims={"z": ["datum", "latent"]}

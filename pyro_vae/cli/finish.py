@@ -1,4 +1,4 @@
-"""The end of a run: final ELBOs, the importance-sampled evaluation, figures, report.
+"""The end of a run: final ELBOs, the evaluation of log p(x), figures, report.
 
 Called by :mod:`pyro_vae.cli.run` on the process that writes the run directory
 (rank 0 under ``--devices``), after training, with the :class:`TrainedRun` it made.
@@ -11,6 +11,10 @@ evaluation that fails is left out with a note; the notes go into ``metrics.json`
 still ends the run with its error, after every other file is written. A signal here
 stops the process at once (:mod:`pyro_vae.cli.signals`); the checkpoint is whole, and
 ``--resume`` redoes the end of the run.
+
+The evaluation is by ``--eval-method``: importance sampling (``is``, K =
+``--eval-k``), AIS (``ais``: ``--eval-ais-steps``, ``--eval-chains``,
+``--eval-leapfrog``) or both; ``--eval-k 0`` skips it whatever the method.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.nn import Module
 from pyro_vae.cli import rundir, signals
 from pyro_vae.cli.config import FitConfig
 from pyro_vae.cli.evaluation import evaluate_split, format_summary, latents_line
+from pyro_vae.cli.evaluation_ais import AISOptions
 from pyro_vae.cli.figures import save_figures
 from pyro_vae.cli.report import build_report
 from pyro_vae.data import Splits, evaluation_split
@@ -54,6 +59,8 @@ EVALUATION_FILES = (
     "evaluation.nc",
     "figures/iwae_vs_k.png",
     "figures/khat.png",
+    "figures/is_vs_ais.png",
+    "figures/bdmc.png",
 )
 
 
@@ -76,9 +83,11 @@ def finish_run(
         """metrics.json (with the notes so far), then report.md from it."""
         with signals.phase("while writing metrics.json and report.md"):
             wall = time.perf_counter() - started
+            importance = evaluation if evaluation and "log_px" in evaluation else None
             metrics = rundir.save_metrics(
-                out, cfg, final, splits, device, binarize, wall, evaluation, latents
+                out, cfg, final, splits, device, binarize, wall, importance, latents
             )
+            metrics.update(_ais_metrics(evaluation))
             _save_notes(out, metrics, notes)
             build_report(out)
             return metrics
@@ -87,7 +96,8 @@ def finish_run(
     evaluation, failure = _final_evaluation(cfg, trained, binarize, notes)
     log_px = None
     if evaluation is not None:
-        log_px = (evaluation["log_px"]["mean"], evaluation["log_px"]["se"])
+        if "log_px" in evaluation:  # the IS estimate, which figures/elbo.png marks
+            log_px = (evaluation["log_px"]["mean"], evaluation["log_px"]["se"])
         latents = evaluation["latents"]
     else:
         latents = _latents_alone(cfg, trained, notes)
@@ -149,9 +159,10 @@ def _final_elbos(
 def _final_evaluation(
     cfg: FitConfig, trained: TrainedRun, binarize: str, notes: list[str]
 ) -> tuple[dict | None, BaseException | None]:
-    """The importance-sampled evaluation on the test split, or why it failed."""
+    """The evaluation (``--eval-method``) on the test split, or why it failed."""
     if not cfg.eval_k:
         return None, None
+    options = AISOptions(cfg.eval_ais_steps, cfg.eval_chains, cfg.eval_leapfrog)
     with signals.phase("during the final evaluation"):
         try:
             evaluation = evaluate_split(
@@ -163,10 +174,17 @@ def _final_evaluation(
                 seed=cfg.seed,
                 split="test",
                 binarization=rundir.binarization_note(binarize),
+                method=cfg.eval_method,
+                options=options,
             )
         except _FAILURES as err:  # e.g. NaN log-densities on the test split
             _remove(trained.out, EVALUATION_FILES)  # none of a failed one's files
-            notes.append(f"evaluation (--eval-k {cfg.eval_k}) failed: {_why(err)}")
+            flag = (
+                f"--eval-k {cfg.eval_k}"
+                if cfg.eval_method == "is"
+                else f"--eval-method {cfg.eval_method}"
+            )
+            notes.append(f"evaluation ({flag}) failed: {_why(err)}")
             return None, err
     return evaluation, None
 
@@ -199,7 +217,8 @@ def _print_summary(
         return
     print(rundir.summary(cfg, metrics, out))
     if evaluation is not None:
-        print("\nimportance-sampled evaluation (evaluation.json):")
+        what = {"is": "importance-sampled", "ais": "AIS", "both": "IS and AIS"}
+        print(f"\n{what[cfg.eval_method]} evaluation (evaluation.json):")
         print(format_summary(evaluation))
     elif latents is not None:
         print(latents_line(latents) + " (test split)")
@@ -224,9 +243,26 @@ def _remove(out: Path, names: tuple[str, ...]) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _ais_metrics(evaluation: dict | None) -> dict:
+    """The AIS numbers of an evaluation for ``metrics.json``; {} without AIS."""
+    if not evaluation or "ais" not in evaluation:
+        return {}
+    extra = {
+        "test_log_px_ais": evaluation["ais"]["log_px"]["mean"],
+        "test_log_px_ais_se": evaluation["ais"]["log_px"]["se"],
+        "eval_ais_estimator": evaluation["ais"]["estimator"],
+    }
+    if "is_minus_ais" in evaluation:
+        extra["test_is_minus_ais"] = evaluation["is_minus_ais"]["mean"]
+    extra["ais_warnings"] = evaluation.get("ais_warnings", [])
+    return extra
+
+
 def _save_notes(out: Path, metrics: dict, notes: list[str]) -> None:
-    """Add ``notes`` (what was skipped or failed, and why) to ``metrics.json``."""
-    if not notes:
+    """Add ``notes`` (what was skipped or failed, and why) to ``metrics.json``, and
+    write it again if it holds the AIS numbers, which ``save_metrics`` leaves out."""
+    if notes:
+        metrics["notes"] = list(notes)
+    elif "test_log_px_ais" not in metrics:
         return
-    metrics["notes"] = list(notes)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

@@ -1,9 +1,10 @@
 """``python -m pyro_vae.report RUN_DIR``: one Markdown file that tells a run's story.
 
 ``report.md`` holds the config, a metrics table (ELBO per split, the test log p̂(x) ±
-Monte Carlo se, the gap, the k̂ summary, active units, MMD to the prior) and every
-figure in ``figures/`` inline. It is rebuilt from the files of the run directory
-alone (``config.json``, ``metrics.json``, ``evaluation.json`` when present,
+Monte Carlo se, the gap, the k̂ summary, the AIS estimate, IS − AIS and the BDMC
+bounds when they ran, active units, MMD to the prior), the warnings of the AIS check,
+and every figure in ``figures/`` inline. It is rebuilt from the files of the run
+directory alone (``config.json``, ``metrics.json``, ``evaluation.json`` when present,
 ``figures/*.png``), so it can be made again at any time; ``fit`` writes it at the end.
 """
 
@@ -30,6 +31,8 @@ FIGURE_ORDER = (
     ("interpolation", "Interpolation between test images in latent space"),
     ("iwae_vs_k", "IWAE_k against k: from the ELBO to log p̂(x)"),
     ("khat", "PSIS k̂ of each test datum's importance weights"),
+    ("is_vs_ais", "IS − AIS log p̂(x) per datum against k̂"),
+    ("bdmc", "BDMC: AIS's lower and upper bounds on simulated data against steps"),
 )
 
 
@@ -97,7 +100,7 @@ def _elbo_rows(metrics: dict) -> list[str]:
 
 def _evaluation_rows(evaluation: dict) -> list[str]:
     rows = []
-    if evaluation:
+    if "log_px" in evaluation:  # importance sampling
         lp, gap, khat = evaluation["log_px"], evaluation["gap"], evaluation["khat"]
         rows += [
             f"| log p̂(x), {evaluation['split']} | {_fmt(lp['mean'])} ± {_fmt(lp['se'])}"
@@ -112,6 +115,44 @@ def _evaluation_rows(evaluation: dict) -> list[str]:
         for k, v in evaluation["iwae"].items():
             if 1 < int(k) < evaluation["k"]:
                 rows.append(f"| IWAE_{k} | {_fmt(v['mean'])} ± {_fmt(v['se'])} | |")
+    if "ais" in evaluation:
+        rows += _ais_rows(evaluation)
+    if "bdmc" in evaluation:
+        rows += _bdmc_rows(evaluation["bdmc"])
+    return rows
+
+
+def _ais_rows(evaluation: dict) -> list[str]:
+    ais = evaluation["ais"]
+    lp, acc = ais["log_px"], ais["acceptance"]
+    rows = [
+        f"| log p̂_AIS(x), {evaluation['split']} | {_fmt(lp['mean'])} ± "
+        f"{_fmt(lp['se'])} | AIS, {ais['steps']} steps, {ais['chains']} chains, "
+        f"{ais['leapfrog']} leapfrog, n = {ais['n']}; acceptance {_fmt(acc['mean'], 2)}"
+        f" (min {_fmt(acc['min'], 2)}); {_fmt(ais['seconds'], 1)} s |"
+    ]
+    if "is_minus_ais" in evaluation:
+        d = evaluation["is_minus_ais"]
+        above, below = d["khat_above_0.7"], d["khat_at_most_0.7"]
+        rows.append(
+            f"| IS − AIS | {_fmt(d['mean'])} ± {_fmt(d['se'])} | per datum: mean "
+            f"{_fmt(above['mean'])} where k̂ > 0.7 ({above['n']} data), "
+            f"{_fmt(below['mean'])} where k̂ ≤ 0.7 ({below['n']}); corr(k̂, IS − "
+            f"AIS) {_fmt(d['correlation_with_khat'], 2)} |"
+        )
+    return rows
+
+
+def _bdmc_rows(bdmc: dict) -> list[str]:
+    rows = []
+    for r in bdmc["rows"]:
+        lo, up, gap = r["lower"], r["upper"], r["gap"]
+        rows.append(
+            f"| BDMC, {r['steps']} steps | {_fmt(lo['mean'])} ≤ log p(x) ≤ "
+            f"{_fmt(up['mean'])} | gap {_fmt(gap['mean'])} ± {_fmt(gap['se'])} on "
+            f"{bdmc['n']} simulated data, {bdmc['chains']} chains; acceptance "
+            f"{_fmt(r['acceptance'], 2)} |"
+        )
     return rows
 
 
@@ -145,6 +186,7 @@ def build_report(run_dir: str | os.PathLike) -> Path:
     )
     lines = [
         *_summary_lines(run_dir, config, metrics, evaluation),
+        *_warning_lines(run_dir, evaluation),
         *_notes_lines(run_dir, metrics),
         *_figure_lines(run_dir),
         *_config_lines(config),
@@ -187,6 +229,19 @@ def _summary_lines(
         *_metrics_rows(metrics, evaluation, run_dir),
         "",
     ]
+
+
+def _warning_lines(run_dir: Path, evaluation: dict) -> list[str]:
+    """The loud check of the AIS evaluation (``ais_warnings``); none if it passed."""
+    warnings = evaluation.get("ais_warnings") or []
+    if not isinstance(warnings, list):
+        raise PyroVAEError(
+            f"{run_dir / 'evaluation.json'} is malformed (its ais_warnings are not a "
+            "list); re-run the step that wrote it"
+        )
+    if not warnings:
+        return []
+    return ["## Warnings", "", *(f"- **WARNING:** {w}" for w in warnings), ""]
 
 
 def _notes_lines(run_dir: Path, metrics: dict) -> list[str]:
