@@ -294,7 +294,7 @@ def test_launch_command_and_multi_node_environment(monkeypatch):
     cmd = distributed.launch_command(["--epochs", "1"], 4, 1)
     assert cmd[1:3] == ["-m", "torch.distributed.run"]
     assert "--standalone" in cmd and cmd[cmd.index("--nproc-per-node") + 1] == "4"
-    assert cmd[-4:] == ["-m", "pyro_vae.fit", "--epochs", "1"]
+    assert cmd[-5:] == ["-m", "--", "pyro_vae.fit", "--epochs", "1"]
     for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="MASTER_ADDR, MASTER_PORT, NODE_RANK"):

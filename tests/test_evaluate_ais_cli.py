@@ -18,6 +18,7 @@ from torch import nn
 
 import pyro_vae.cli.evaluate as evaluate_cli
 import pyro_vae.cli.evaluation as evaluation_module
+import pyro_vae.cli.evaluation_sharded as evaluation_sharded
 from pyro_vae.cli.config import FitConfig
 from pyro_vae.cli.evaluate import main as eval_main
 from pyro_vae.cli.fit import main as fit_main
@@ -204,7 +205,8 @@ def _shift_ais(monkeypatch, nats: float) -> None:
         result = real(*args, **kwargs)
         return dataclasses.replace(result, log_px=result.log_px + nats)
 
-    monkeypatch.setattr(evaluation_module, "run_ais", shifted)
+    monkeypatch.setattr(evaluation_module, "run_ais", shifted)  # fit's evaluation
+    monkeypatch.setattr(evaluation_sharded, "run_ais", shifted)  # evaluate's
 
 
 def test_the_loud_check_fires(run_dir, capsys, monkeypatch):

@@ -127,8 +127,8 @@ def test_one_process_runs_the_whole_range():
 
 def test_evaluate_relaunches_itself_through_torchrun():
     cmd = launch_command(["run", "--devices", "2"], 2, 1, module="pyro_vae.evaluate")
-    assert cmd[-5:] == ["-m", "pyro_vae.evaluate", "run", "--devices", "2"]
-    assert launch_command([], 2, 1)[-2:] == ["-m", "pyro_vae.fit"]  # fit's default
+    assert cmd[-6:] == ["-m", "--", "pyro_vae.evaluate", "run", "--devices", "2"]
+    assert launch_command([], 2, 1)[-3:] == ["-m", "--", "pyro_vae.fit"]  # default
 
 
 def _rows(r, lo, hi):

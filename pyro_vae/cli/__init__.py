@@ -9,7 +9,8 @@
   and :mod:`.signals` for Ctrl-C and SIGTERM outside training;
 * :mod:`.rundir` and :mod:`.runlock`: the run directory, its files and its lock;
 * :mod:`.evaluate` (``python -m pyro_vae.evaluate``) and :mod:`.evaluation`: scoring
-  a run directory;
+  a run directory, on several processes with :mod:`.evaluation_sharded` and
+  :mod:`.sharding`;
 * :mod:`.figures`, :mod:`.plots` and :mod:`.report` (``report.md``);
 * :mod:`.loading` and :mod:`.generate`: :func:`pyro_vae.load` and what a loaded run
   can do.

@@ -6,25 +6,42 @@ sampling (``--method ais``) or both, optionally measures AIS's error by BDMC on 
 simulated from the model (``--bdmc N``), and writes ``evaluation.json``,
 ``evaluation.nc`` and the figures into the run directory
 (:mod:`pyro_vae.cli.evaluation`).
+
+``--devices N`` (and ``--num-nodes M``) shard the data over N processes per node:
+when this process was not started by ``torchrun``, it starts ``torchrun`` with the
+same arguments and waits (:func:`pyro_vae.training.distributed.launch`). Each process
+scores its shard (:mod:`pyro_vae.cli.evaluation_sharded`); rank 0 locks the run
+directory, gathers the per-datum results, runs BDMC and writes the files, with the
+numbers of a one-process run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+import torch
 
 from pyro_vae.cli import rundir, runlock
 from pyro_vae.cli.config import resolve_device
-from pyro_vae.cli.evaluation import estimate, format_summary, write_evaluation
+from pyro_vae.cli.evaluation import format_summary, write_evaluation
 from pyro_vae.cli.evaluation_ais import METHODS, AISOptions, run_bdmc
-from pyro_vae.cli.loading import load, load_run_data
+from pyro_vae.cli.evaluation_sharded import DATA_CHUNK, estimate_sharded
+from pyro_vae.cli.loading import TrainedVAE, load, load_run_data
 from pyro_vae.data import evaluation_split
-from pyro_vae.errors import CommandParser, PyroVAEError
+from pyro_vae.errors import CommandParser, ConfigError, PyroVAEError
 from pyro_vae.memory import format_bytes, machine_memory
+from pyro_vae.training import distributed
+from pyro_vae.training.distributed import DistContext
 
 __all__ = ["build_parser", "main"]
+
+T = TypeVar("T")
 
 
 def _positive(text: str) -> int:
@@ -140,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:I")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the draws")
+    parser.add_argument(
+        "--data-chunk",
+        type=_positive,
+        default=DATA_CHUNK,
+        help="importance sampling: data per pass, each with a float64 buffer of its K "
+        "weights; the draws follow it, so keep it to compare runs",
+    )
+    parser.add_argument(
+        "--devices",
+        type=_positive,
+        default=1,
+        help="processes per node, each scoring a shard of the data (torchrun; each "
+        "takes cuda:LOCAL_RANK on CUDA); the numbers equal one process's",
+    )
+    parser.add_argument(
+        "--num-nodes",
+        type=_positive,
+        default=1,
+        help="nodes of a multi-node run; each node needs MASTER_ADDR, MASTER_PORT (of "
+        "node 0) and NODE_RANK in its environment, and the run directory",
+    )
     _add_ais_arguments(parser)
     return parser
 
@@ -188,46 +226,100 @@ def _add_ais_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
+    """Run the CLI; returns the exit status.
+
+    With ``--devices`` or ``--num-nodes`` above 1 it starts ``torchrun`` and returns
+    its status; in a process ``torchrun`` started, only rank 0 prints the summary.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.devices * args.num_nodes > 1 and ":" in args.device:
+            parser.fail(
+                f"--device {args.device} names one GPU; with several processes use "
+                "--device cuda (each process takes cuda:LOCAL_RANK) or auto"
+            )
     except SystemExit as stop:
         return int(stop.code or 0)
+    if distributed.needs_launch(args.devices, args.num_nodes):
+        return _launch(argv, args)
     try:
         with runlock.scope("evaluate"):  # a read-only run: one line, no traceback
             summary = _evaluate(args)
     except PyroVAEError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(format_summary(summary))
+    if summary is not None:  # None: a process other than rank 0, its shard done
+        print(format_summary(summary))
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> dict:
-    """Evaluate the run of ``args``, holding its lock while it writes the results."""
+def _launch(argv: list[str], args: argparse.Namespace) -> int:
+    """Run this command on ``args.devices`` processes per node through torchrun."""
+    processes = args.devices * args.num_nodes
+    try:
+        device = resolve_device(args.device)
+        if device.type == "cuda" and torch.cuda.device_count() < args.devices:
+            raise ConfigError(
+                f"--devices {args.devices} on CUDA needs {args.devices} GPUs on this "
+                f"node; torch sees {torch.cuda.device_count()}. Lower --devices, or "
+                "evaluate on the CPU with --device cpu"
+            )
+        load(args.run_dir, "cpu")  # a path that is no run: one line, no torchrun
+        status = distributed.launch(
+            argv, args.devices, args.num_nodes, module="pyro_vae.evaluate"
+        )
+    except PyroVAEError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if status:
+        how = f"(torchrun exit status {status})"
+        if status in (130, 143):
+            how = "on " + signal.Signals(status - 128).name
+        print(
+            f"error: evaluating {args.run_dir} on {processes} processes stopped "
+            f"{how}; the messages above say which process stopped and why",
+            file=sys.stderr,
+        )
+    return status
+
+
+def _evaluate(args: argparse.Namespace) -> dict | None:
+    """Evaluate the run of ``args``, holding its lock while it writes the results.
+
+    In a process ``torchrun`` started, every process scores its shard; rank 0 alone
+    locks the run directory, writes the files and returns the summary, the others
+    return None.
+    """
     device = resolve_device(args.device)
-    run = load(args.run_dir, device)
-    model, guide, cfg = run
-    rundir.claim(args.run_dir, "evaluate")  # no fit or evaluate may write it now
-    rundir.check_relative_data(cfg, args.run_dir)
-    splits = load_run_data(cfg, device)
-    rundir.check_same_data(
-        Path(args.run_dir) / "checkpoint.pt",
-        {"data_dim": run.data_dim},
-        splits,
-        cfg.data_path or f"--dataset {cfg.dataset}",
-    )
-    binarize = cfg.resolved_binarize()
-    x = evaluation_split(splits, args.split, binarize)
-    if args.n is not None:
-        x = x[: args.n]
+    ctx = None
+    if distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        ctx = distributed.init_from_env(device, args.seed)
+        device = ctx.device
     options = AISOptions(
         args.ais_steps, args.chains, args.leapfrog, args.bdmc, args.bdmc_steps
     )
-    # the per-datum estimates of x, then the files: data could be split between
-    estimates = estimate(
-        model, guide, x, method=args.method, k=args.k, seed=args.seed, options=options
-    )
+    try:
+        _check_world(args, ctx)
+        model, guide, x, binarize = _load(args, device, ctx)
+        estimates = estimate_sharded(
+            ctx,
+            model,
+            guide,
+            x,
+            method=args.method,
+            k=args.k,
+            seed=args.seed,
+            options=options,
+            data_chunk=args.data_chunk,
+        )
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if estimates is None:
+        return None
+    # BDMC's simulated data are few: rank 0 runs it alone, as it writes the files
     sandwich = run_bdmc(model, guide, options, seed=args.seed, device=device)
     return write_evaluation(
         model,
@@ -240,6 +332,55 @@ def _evaluate(args: argparse.Namespace) -> dict:
         split=args.split,
         binarization=rundir.binarization_note(binarize),
     )
+
+
+def _check_world(args: argparse.Namespace, ctx: DistContext | None) -> None:
+    """Refuse --devices x --num-nodes that differ from the processes running."""
+    asked, world = args.devices * args.num_nodes, 1 if ctx is None else ctx.world_size
+    if asked not in (1, world):  # 1: torchrun started by hand, without the flags
+        raise ConfigError(
+            f"--devices {args.devices} x --num-nodes {args.num_nodes} ask for {asked} "
+            f"processes, but {world} run; start it with python -m pyro_vae.evaluate "
+            "(which launches torchrun itself), or make torchrun's --nproc-per-node "
+            "and --nnodes agree with the flags"
+        )
+
+
+def _load(
+    args: argparse.Namespace, device: torch.device, ctx: DistContext | None
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, str]:
+    """The run's model and guide, the data to evaluate, and their binarization.
+
+    Rank 0 loads the run and locks its directory first, so that a run that cannot
+    be evaluated stops every process with rank 0's message.
+    """
+    loaded: list[TrainedVAE] = []
+
+    def load_and_claim() -> None:
+        loaded.append(load(args.run_dir, device))
+        rundir.claim(args.run_dir, "evaluate")  # no fit or evaluate may write it now
+
+    _on_main(ctx, load_and_claim, "loading and locking the run directory")
+    run = loaded[0] if loaded else load(args.run_dir, device)
+    model, guide, cfg = run
+    rundir.check_relative_data(cfg, args.run_dir)
+    splits = load_run_data(cfg, device)
+    rundir.check_same_data(
+        Path(args.run_dir) / "checkpoint.pt",
+        {"data_dim": run.data_dim},
+        splits,
+        cfg.data_path or f"--dataset {cfg.dataset}",
+    )
+    binarize = cfg.resolved_binarize()
+    x = evaluation_split(splits, args.split, binarize)
+    if args.n is not None:
+        x = x[: args.n]
+    return model, guide, x, binarize
+
+
+def _on_main(ctx: DistContext | None, fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on the process that writes the run directory; its result on all."""
+    return fn() if ctx is None else ctx.main_only(fn, what)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def launch_command(
 ) -> list[str]:
     """The ``torchrun`` command running ``python -m MODULE ARGV`` on W processes.
 
-    One node uses ``--standalone`` (a local rendezvous on a free port). Several nodes
-    use a static rendezvous: ``MASTER_ADDR``, ``MASTER_PORT`` (of node 0) and
+    The module and its arguments follow ``--``, so that torchrun parses none of
+    them. One node uses ``--standalone`` (a local rendezvous on a free port). Several
+    nodes use a static rendezvous: ``MASTER_ADDR``, ``MASTER_PORT`` (of node 0) and
     ``NODE_RANK`` (0 .. M-1) must be set on every node.
     """
     cmd = [
@@ -74,7 +75,10 @@ def launch_command(
             "--master-port",
             os.environ["MASTER_PORT"],
         ]
-    return [*cmd, "-m", module, *argv]
+    # "--": torchrun's parser takes nothing after it as its own option; without it an
+    # argument that abbreviates several of its options (evaluate's --n: --nnodes,
+    # --node-rank, ...) stops torchrun with "ambiguous option"
+    return [*cmd, "-m", "--", module, *argv]
 
 
 def launch(
