@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pyro_vae.errors import ConfigError
-from pyro_vae.losses.select import make_kernel
+from pyro_vae.losses.select import GRAD_ESTIMATORS, make_kernel
 from pyro_vae.memory import format_bytes, machine_memory
 
 __all__ = [
@@ -104,8 +104,15 @@ class FitConfig:
     num_particles: int = _f(1, "z samples per datum per step, vectorized")
     loss: str = _f(
         "elbo",
-        "objective: elbo (see --elbo), or the InfoVAE family: infovae (--alpha, "
-        "--lam), mmd-vae (alpha=1, --lam), beta-vae (--beta), ae (no KL, no MMD)",
+        "objective: elbo (see --elbo), iwae (the IWAE bound with --num-particles K "
+        "per datum), or the InfoVAE family: infovae (--alpha, --lam), mmd-vae "
+        "(alpha=1, --lam), beta-vae (--beta), ae (no KL, no MMD)",
+    )
+    grad_estimator: str = _f(
+        "reparam",
+        "gradient estimator: reparam (the reparameterized gradient of the loss), "
+        "dreg (doubly reparameterized guide gradients; --loss iwae) or stl "
+        "(sticking the landing; --loss elbo)",
     )
     alpha: float = _f(0.0, "InfoVAE alpha: 1 - alpha weighs KL(q(z|x) || p(z))")
     lam: float = _f(1000.0, "InfoVAE lambda: alpha + lambda - 1 weighs MMD(q(z), p(z))")
@@ -352,6 +359,11 @@ def _range_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
             f"--elbo must be trace or meanfield, got {cfg.elbo!r}",
         ),
         (
+            cfg.grad_estimator in GRAD_ESTIMATORS,
+            f"--grad-estimator must be one of {', '.join(GRAD_ESTIMATORS)}, got "
+            f"{cfg.grad_estimator!r}",
+        ),
+        (
             min(cfg.components, cfg.pseudo_inputs, cfg.rank) >= 1,
             "--components, --pseudo-inputs and --rank must be >= 1, got "
             f"{cfg.components}, {cfg.pseudo_inputs}, {cfg.rank}",
@@ -387,6 +399,12 @@ def _range_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
 def _combination_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
     """(ok, message) for flags that must agree: warm-up, loss, processes."""
     return [
+        *_estimator_checks(cfg),
+        (
+            not cfg.kl_warmup or cfg.loss != "iwae",
+            "--kl-warmup weighs a KL term, and the IWAE bound (--loss iwae) has "
+            "none; drop --kl-warmup or use --loss elbo",
+        ),
         (
             not cfg.kl_warmup or cfg.loss not in ("mmd-vae", "ae"),
             f"--kl-warmup weighs the KL term, and --loss {cfg.loss} has none "
@@ -409,6 +427,33 @@ def _combination_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
             cfg.devices * cfg.num_nodes == 1 or ":" not in cfg.device,
             f"--device {cfg.device} names one GPU; with several processes use "
             "--device cuda (each process takes cuda:LOCAL_RANK) or auto",
+        ),
+    ]
+
+
+def _estimator_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
+    """(ok, message) for --grad-estimator against the loss it differentiates."""
+    return [
+        (
+            cfg.grad_estimator != "dreg" or cfg.loss == "iwae",
+            f"--grad-estimator dreg is the doubly reparameterized gradient of the "
+            f"IWAE bound, not of --loss {cfg.loss}; use it with --loss iwae (for "
+            "--loss elbo use stl)",
+        ),
+        (
+            cfg.grad_estimator != "stl" or cfg.loss == "elbo",
+            f"--grad-estimator stl is a gradient of the ELBO, not of --loss "
+            f"{cfg.loss}; use it with --loss elbo (for --loss iwae use dreg)",
+        ),
+        (
+            cfg.grad_estimator != "stl" or cfg.elbo == "trace",
+            "--grad-estimator stl replaces the Monte Carlo log q(z|x) of Trace_ELBO, "
+            "which --elbo meanfield computes in closed form; use --elbo trace",
+        ),
+        (
+            cfg.grad_estimator != "stl" or not cfg.kl_warmup,
+            "--grad-estimator stl and --kl-warmup cannot be combined (the warm-up's "
+            "weighted ELBO has no STL estimator here); drop one of them",
         ),
     ]
 

@@ -38,7 +38,7 @@ from pyro_vae.data import BINARIZATIONS
 from pyro_vae.data.sources import DATASETS
 from pyro_vae.errors import CommandParser, ConfigError, PyroVAEError
 from pyro_vae.guides import ENCODERS
-from pyro_vae.losses import LOSSES
+from pyro_vae.losses import GRAD_ESTIMATORS, LOSSES
 from pyro_vae.nn import ACTIVATIONS, parse_hidden
 from pyro_vae.training import distributed
 from pyro_vae.training.loop import ELBOS
@@ -52,6 +52,7 @@ _CHOICES = {
     "elbo": tuple(ELBOS),
     "arch": tuple(ENCODERS),
     "loss": LOSSES,
+    "grad_estimator": GRAD_ESTIMATORS,
     "kernel": ("rbf", "imq", "rbf-multi", "imq-multi"),
 }
 

@@ -339,7 +339,7 @@ def _train_with_checkpoints(
                     kl_warmup=cfg.kl_warmup,
                     grad_clip=cfg.grad_clip,
                 ),
-                elbo=make_elbo(cfg.elbo, cfg.num_particles),
+                elbo=_elbo(cfg),
                 objective=_objective(cfg),
                 optimizer=optimizer,
                 options=TrainOptions(
@@ -449,8 +449,16 @@ def _lost(err: DistributedError, run_state: RunState) -> DistributedError:
     )
 
 
+def _elbo(cfg: FitConfig) -> ELBO:
+    """The ELBO reported every epoch (``--elbo``); also the objective for ``--loss
+    elbo``, with STL gradients under ``--grad-estimator stl``."""
+    estimator = cfg.grad_estimator if cfg.loss == "elbo" else "reparam"
+    return make_elbo(cfg.elbo, cfg.num_particles, estimator)
+
+
 def _objective(cfg: FitConfig) -> ELBO | None:
-    """None for the plain ELBO (``--elbo`` picks it), else the InfoVAE-family loss.
+    """None for the plain ELBO (:func:`_elbo`), else the IWAE bound or the
+    InfoVAE-family loss, with ``--grad-estimator``'s gradients.
 
     With ``--kl-warmup`` even the ELBO becomes a Trace_InfoVAE at (α, λ) = (0, 1),
     whose KL weight is a tensor the warm-up sets each step.
@@ -467,6 +475,7 @@ def _objective(cfg: FitConfig) -> ELBO | None:
             bandwidth=cfg.bandwidth,
             num_particles=cfg.num_particles,
             kl_warmup=cfg.kl_warmup > 0,
+            grad_estimator=cfg.grad_estimator,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -2,7 +2,8 @@
 
 * ``config.json``: the resolved :class:`FitConfig`, enough to re-run;
 * ``history.csv``: epoch, train_elbo, valid_elbo, seconds, train_loss (nats per datum);
-* ``metrics.json``: final ELBOs per split, wall time, device, package versions;
+* ``metrics.json``: final ELBOs per split, the objective optimized, wall time,
+  device, package versions;
 * ``checkpoint.pt``: model, guide and optimizer state plus the config, atomic;
 * ``figures/``: drawn by :mod:`pyro_vae.cli.figures`;
 * ``.lock``: while a process writes the directory, its PID
@@ -33,6 +34,7 @@ from pyro_vae.cli.config import RESUMABLE, FitConfig
 from pyro_vae.data import BINARIZE_SEED, Splits
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.files import atomic_open, atomic_write_text
+from pyro_vae.losses import describe_objective
 from pyro_vae.training.checkpoint import load_checkpoint, remove_stray_temporaries
 from pyro_vae.training.checkpoint import save_checkpoint as _atomic_save
 from pyro_vae.training.loop import EpochStats
@@ -414,6 +416,9 @@ def save_metrics(
         **{f"{split}_elbo": value for split, value in final_elbo.items()},
         "units": "nats per datum; ELBO, higher is better (Pyro's loss is -ELBO)",
         "estimator": f"{estimator}, {cfg.num_particles} particle(s) per datum",
+        "objective": describe_objective(
+            cfg.loss, cfg.num_particles, cfg.grad_estimator
+        ),
         "binarization": binarization_note(binarize),
         "n_train": len(splits.train),
         "n_valid": len(splits.valid),
@@ -467,6 +472,7 @@ def summary(cfg: FitConfig, metrics: dict[str, Any], out: Path) -> str:
         f"pyro_vae: {cfg.dataset}, {cfg.likelihood} likelihood, {cfg.prior} prior, "
         f"{cfg.guide} guide, latent {cfg.latent_dim}, {cfg.epochs} epochs, "
         f"{metrics['wall_seconds']:.1f} s on {where}",
+        f"objective: {metrics.get('objective', 'ELBO')}",
         f"estimator: {metrics['estimator']}; binarization: {metrics['binarization']}",
         "",
         f"{'split':<7}{'n':>8}  ELBO (nats per datum, higher is better)",

@@ -23,13 +23,9 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from pyro_vae.errors import PyroVAEError
+from pyro_vae.losses.particles import SiteContractError
 
 __all__ = ["SiteContractError", "log_weights"]
-
-
-class SiteContractError(PyroVAEError):
-    """A model or guide whose sites break the per-datum contract."""
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.data import Splits, batches
 from pyro_vae.errors import DataError, PyroVAEError
+from pyro_vae.losses import TraceSTL_ELBO
 from pyro_vae.training.step import StepLoss, make_optimizer
 
 if TYPE_CHECKING:
@@ -87,8 +88,9 @@ class EpochStats:
     """One row of ``history.csv``: ELBOs in nats per datum (higher is better).
 
     ``train_loss`` is the objective that was minimized, per datum: -train_elbo for the
-    ELBO, the InfoVAE objective for :class:`pyro_vae.losses.Trace_InfoVAE`. ``step``
-    counts optimizer steps since the run began.
+    ELBO, the InfoVAE objective for :class:`pyro_vae.losses.Trace_InfoVAE`, -IWAE_K
+    for :class:`pyro_vae.losses.Trace_IWAE`. ``step`` counts optimizer steps since
+    the run began.
     """
 
     epoch: int
@@ -99,13 +101,29 @@ class EpochStats:
     step: int = 0
 
 
-def make_elbo(name: str, num_particles: int = 1) -> ELBO:
+def make_elbo(
+    name: str, num_particles: int = 1, grad_estimator: str = "reparam"
+) -> ELBO:
     """``Trace_ELBO`` or ``TraceMeanField_ELBO``; particles are vectorized.
 
     ``max_plate_nesting=1`` is the model contract (one ``"data"`` plate). Given, it
     spares Pyro's first-call guess, which draws z once more: a guess would make the
     first step of a traced, an eager and a resumed run use different draws.
+
+    ``grad_estimator="stl"`` gives :class:`pyro_vae.losses.TraceSTL_ELBO`: the same
+    ELBO (``trace`` only) with "sticking the landing" guide gradients.
     """
+    if grad_estimator == "stl":
+        if name != "trace":
+            raise ValueError(
+                "STL gradients replace the Monte Carlo log q(z|x) of Trace_ELBO; "
+                f"use the trace ELBO with them, not {name!r}"
+            )
+        return TraceSTL_ELBO(num_particles)
+    if grad_estimator != "reparam":
+        raise ValueError(
+            f"the ELBO's grad_estimator must be reparam or stl, got {grad_estimator!r}"
+        )
     return ELBOS[name](
         num_particles=num_particles,
         vectorize_particles=num_particles > 1,
