@@ -64,10 +64,14 @@ def counter_bits(keys: torch.Tensor, counter: int, count: int) -> torch.Tensor:
     """``(count, len(keys))`` hashed 32-bit integers for draw number ``counter``.
 
     Element j of datum i is ``mix32(mix32(s_i + j * golden) ^ s_i)`` with
-    ``s_i = mix32(key_i ^ mix32(counter))``: distinct counters and elements give
-    unrelated bits, and nothing depends on which other data share the batch.
+    ``s_i = mix32(mix32(key_i ^ mix32(lo)) ^ mix32(hi ^ golden))``, where lo and hi
+    are the counter's low and high 32 bits: distinct 64-bit counters and elements
+    give unrelated bits, and nothing depends on which other data share the batch.
     """
-    stream = mix32(keys ^ mix32(counter & _M32))
+    if not 0 <= counter < 2**64:
+        raise ValueError(f"counter {counter} is not a 64-bit unsigned integer")
+    lo, hi = counter & _M32, (counter >> 32) & _M32
+    stream = mix32(mix32(keys ^ mix32(lo)) ^ mix32(hi ^ _GOLDEN))
     j = torch.arange(count, device=keys.device, dtype=torch.int64)[:, None]
     return mix32(mix32((stream + j * _GOLDEN) & _M32) ^ stream)
 

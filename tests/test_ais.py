@@ -142,7 +142,7 @@ def test_ais_weights_are_unbiased_on_ppca():
     ratios = torch.stack(
         [
             (
-                ais_log_marginal(model, guide, x, steps=8, seed=s, **FAST).log_px
+                ais_log_marginal(model, guide, x, steps=30, seed=s, **FAST).log_px
                 - exact
             ).exp()
             for s in range(60)
@@ -318,3 +318,76 @@ def test_bernoulli_vae_simulates_binary_data():
     x, z = simulate(model, 7, ["z"], seed=0, device=torch.device("cpu"))
     assert x.shape == (7, 5) and z["z"].shape == (7, 2)
     assert set(x.unique().tolist()) <= {0.0, 1.0}
+
+
+class _DirichletMultinomial(PyroModule):
+    """z ~ Dirichlet(α) on the simplex, x | z ~ Multinomial(20, z): exact p(x)."""
+
+    alpha = torch.tensor([1.5, 2.0, 0.8])
+
+    def forward(self, x=None, n=None):
+        size = len(x) if x is not None else n
+        with pyro.plate("data", size):
+            z = pyro.sample("z", dist.Dirichlet(self.alpha))
+            return pyro.sample("x", dist.Multinomial(20, probs=z), obs=x)
+
+    def log_px(self, x):
+        return dist.DirichletMultinomial(self.alpha, total_count=20).log_prob(x)
+
+
+def _dirichlet_guide(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("z", dist.Dirichlet(0.5 * (_DirichletMultinomial.alpha + x) + 0.3))
+
+
+def test_a_simplex_latent_moves_in_fewer_unconstrained_numbers():
+    """The stick-breaking bijection maps K = 3 probabilities to 2 free numbers."""
+    model = _DirichletMultinomial()
+    pyro.set_rng_seed(0)
+    x = model(n=6).detach()
+    ais = ais_log_marginal(model, _dirichlet_guide, x, steps=200, leapfrog=5,
+                           chains=8, seed=0)  # fmt: skip
+    err, se = _mean_se(ais.log_px - model.log_px(x), ais.log_px_se)
+    assert abs(err) < 5 * se + 0.01
+    assert ais.acceptance.mean() > 0.4
+
+
+def test_hmc_rejects_a_proposal_whose_density_is_infinite():
+    """+inf at the proposal would be accepted with α = 1 and make w infinite."""
+    from pyro_vae.evaluate.annealing import Point, hmc
+
+    def densities(u):
+        inf = torch.where(u[..., 0] > 0.5, math.inf, 0.0)
+        base = -0.5 * u.square().sum(-1) + inf
+        g = -u
+        return Point(u, base, base, g, g)
+
+    start = densities(torch.zeros(1, 1, 1))
+    momentum = torch.ones(1, 1, 1)  # moves u to 1: the density there is +inf
+    new, alpha = hmc(densities, start, 1.0, torch.ones(1, 1), 1, momentum,
+                     torch.full((1, 1), 0.5))  # fmt: skip
+    assert alpha.item() == 0.0 and new.u.item() == 0.0
+
+
+def test_counters_use_all_64_bits():
+    from pyro_vae.rng import counter_bits, datum_keys
+
+    keys = datum_keys(0, torch.arange(3))
+    assert not torch.equal(counter_bits(keys, 5, 4), counter_bits(keys, 5 + 2**32, 4))
+    with pytest.raises(ValueError, match="64-bit"):
+        counter_bits(keys, 2**64, 4)
+
+
+def test_bdmc_sorts_its_steps_and_finds_the_model_device(oracle):
+    model, guide, _, _ = oracle
+    result = bdmc(model, guide, 3, steps=[6, 3, 6], seed=0, **FAST)
+    assert [row.steps for row in result.rows] == [3, 6]
+    assert result.summary()["bounds_cross_at_steps"] == []
+    with pytest.raises(ConfigError, match="n >= 2"):
+        bdmc(model, guide, 1, steps=[3])
+
+
+def test_one_chain_is_refused(oracle):
+    model, guide, x, _ = oracle
+    with pytest.raises(ConfigError, match="chains must be >= 2"):
+        ais_log_marginal(model, guide, x, steps=3, chains=1)

@@ -321,10 +321,29 @@ def test_old_config_without_the_eval_method_loads():
     [
         (["--eval-method", "mcmc"], "--eval-method must be one of is, ais, both"),
         (["--eval-ais-steps", "1"], "--eval-ais-steps must be >= 2"),
-        (["--eval-chains", "0"], "--eval-chains must be >= 1, got 0"),
+        (
+            ["--eval-chains", "0"],
+            "--eval-chains must be >= 2 (one chain gives no se), got 0",
+        ),
     ],
 )
 def test_fit_refuses_bad_eval_settings(tmp_path, capsys, args, phrase):
     assert fit_main([*args, "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert phrase in err and "Traceback" not in err
+
+
+def test_the_loud_check_names_non_finite_and_crossing_results():
+    from pyro_vae.cli.evaluation_ais import ais_warnings, json_safe
+
+    nan = float("nan")
+    ais = {"log_px": {"mean": -90.0, "se": nan}, "steps": 10,
+           "acceptance": {"mean": 0.6, "min": 0.1}}  # fmt: skip
+    summary = json_safe({"ais": ais, "is_minus_ais": {"mean": 1.0, "se": nan}})
+    (warning,) = ais_warnings(summary)
+    assert "non-finite" in warning
+    row = {"steps": 10, "gap": {"mean": -2.0, "se": 0.1}}
+    sandwich = {"rows": [row], "gap_shrinks_with_steps": True,
+                "bounds_cross_at_steps": [10]}  # fmt: skip
+    (warning,) = ais_warnings({"bdmc": sandwich})
+    assert "upper bound lies below the lower bound" in warning

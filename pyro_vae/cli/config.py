@@ -326,12 +326,14 @@ def _range_checks(cfg: FitConfig) -> list[tuple[bool, str]]:
             f"--eval-ais-steps must be >= 2 (one step has no transition), got "
             f"{cfg.eval_ais_steps}",
         ),
-        *(
-            (
-                getattr(cfg, name) >= 1,
-                f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}",
-            )
-            for name in ("eval_chains", "eval_leapfrog")
+        (
+            cfg.eval_chains >= 2,
+            f"--eval-chains must be >= 2 (one chain gives no se), got "
+            f"{cfg.eval_chains}",
+        ),
+        (
+            cfg.eval_leapfrog >= 1,
+            f"--eval-leapfrog must be >= 1, got {cfg.eval_leapfrog}",
         ),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
         (

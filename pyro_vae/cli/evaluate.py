@@ -199,9 +199,9 @@ def _add_ais_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chains",
-        type=_positive,
+        type=_at_least_two,
         default=defaults.chains,
-        help="AIS (and BDMC): chains per datum",
+        help="AIS (and BDMC): chains per datum (>= 2)",
     )
     parser.add_argument(
         "--leapfrog",

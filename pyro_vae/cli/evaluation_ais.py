@@ -136,8 +136,11 @@ def json_safe(value: object) -> object:
 def compare(importance: LogMarginal, ais: AISResult) -> dict:
     """IS − AIS per datum: its mean with the paired se, and its relation to k̂.
 
-    Both estimates are of the same data, from independent draws, so the se of the
-    mean difference is sqrt(Σ (se_IS² + se_AIS²)) / n.
+    The se of the mean difference is sqrt(Σ (se_IS² + se_AIS²)) / n, exact for
+    independent draws. With the same seed AIS's starting points can be some of IS's
+    draws (:mod:`pyro_vae.evaluate.ais`); the errors are then positively
+    correlated and this se overstates the difference's, so the 3-se check errs on
+    the quiet side, never on the loud one.
     """
     diff = importance.log_px - ais.log_px
     n = len(diff)
@@ -176,7 +179,17 @@ def ais_warnings(summary: dict) -> list[str]:
     """The loud check on an evaluation summary: why its AIS may not be trusted."""
     out = []
     gap = summary.get("is_minus_ais")
-    if gap is not None and gap["mean"] > SE_LIMIT * gap["se"]:
+    ais = summary.get("ais")
+    if ais is not None and None in (ais["log_px"]["mean"], ais["log_px"]["se"]):
+        out.append(
+            "AIS gave a non-finite log p̂(x) or se for some data (a chain whose "
+            "weight is NaN or -inf: a density that is NaN or -inf at the start, or "
+            "step sizes that diverge). The AIS mean is not usable; look at "
+            "log_px_ais in evaluation.nc for the data concerned"
+        )
+    elif gap is not None and None in (gap["mean"], gap["se"]):
+        pass  # reported above or by the IS summary itself
+    elif gap is not None and gap["mean"] > SE_LIMIT * gap["se"]:
         ais = summary["ais"]
         out.append(
             f"importance sampling's mean log p̂(x) is above AIS's by "
@@ -192,11 +205,18 @@ def ais_warnings(summary: dict) -> list[str]:
             "measure AIS's error"
         )
     sandwich = summary.get("bdmc")
-    if sandwich is not None and not sandwich["gap_shrinks_with_steps"]:
-        gaps = ", ".join(
-            f"{row['gap']['mean']:.3f} ± {row['gap']['se']:.3f} at {row['steps']}"
-            for row in sandwich["rows"]
+    gaps = ", ".join(
+        f"{_num(row['gap']['mean'])} ± {_num(row['gap']['se'])} at {row['steps']}"
+        for row in (sandwich or {}).get("rows", [])
+    )
+    if sandwich is not None and sandwich.get("bounds_cross_at_steps"):
+        out.append(
+            "the BDMC upper bound lies below the lower bound by more than 3 se at "
+            f"{sandwich['bounds_cross_at_steps']} steps (gap in nats: {gaps} steps). "
+            "That cannot happen in expectation: the model's log-density, the "
+            "simulation or the transitions are wrong"
         )
+    if sandwich is not None and not sandwich["gap_shrinks_with_steps"]:
         out.append(
             f"the BDMC gap does not shrink as the steps grow (gap in nats: {gaps} "
             "steps). On simulated data the gap must fall towards 0 with more steps; "
@@ -214,7 +234,7 @@ def ais_lines(summary: dict) -> list[str]:
         ais = summary["ais"]
         lp, acc = ais["log_px"], ais["acceptance"]
         rows += [
-            f"{'log p̂_AIS(x)':<14}{lp['mean']:12.3f}{lp['se']:10.3f}",
+            f"{'log p̂_AIS(x)':<14}{_num(lp['mean']):>12}{_num(lp['se']):>10}",
             f"  AIS: {ais['steps']} steps, {ais['chains']} chains, "
             f"{ais['leapfrog']} leapfrog; acceptance {_num(acc['mean'], '.2f')} "
             f"(min {_num(acc['min'], '.2f')}); {ais['seconds']:.1f} s",
@@ -229,7 +249,7 @@ def ais_lines(summary: dict) -> list[str]:
 def _comparison_lines(d: dict) -> list[str]:
     above, below = d["khat_above_0.7"], d["khat_at_most_0.7"]
     return [
-        f"{'IS − AIS':<14}{d['mean']:12.3f}{d['se']:10.3f}",
+        f"{'IS − AIS':<14}{_num(d['mean']):>12}{_num(d['se']):>10}",
         f"  per datum: mean {_num(above['mean'])} where k̂ > 0.7 ({above['n']} data, "
         f"{100 * d['fraction_khat_above_0.7']:.1f}%), {_num(below['mean'])} where "
         f"k̂ ≤ 0.7; corr(k̂, IS − AIS) {_num(d['correlation_with_khat'], '.2f')}",

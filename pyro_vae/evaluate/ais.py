@@ -33,9 +33,12 @@ estimating pass would bias p̂(x).
 **Randomness.** A datum's draws depend only on ``seed`` and its index: its starting
 points come from the guide (or prior) run on that datum alone after
 ``torch.manual_seed(chunk_seed(seed, index))`` (the estimating pass's are the very
-draws of ``log_marginal(..., k=chains, data_chunk=1, seed=seed)``), and its momenta
-and accept draws are counter-based. Results are therefore the same whatever the data
-chunk and on any number of processes.
+draws of ``log_marginal(..., k=chains, data_chunk=1, seed=seed)``, so AIS and IS
+run with the same seed may share starting draws: their errors are then positively
+correlated, not independent), and its momenta and accept draws are counter-based.
+On the CPU, results are therefore the same whatever the data chunk and on any number
+of processes. On a GPU the same holds in distribution; a different batch shape can
+change the last bits of a density, and so, rarely, an accept decision.
 
 **Memory.** Data are taken ``data_chunk`` at a time, planned from a memory budget:
 one datum costs about ``chains · D · 4 · ACTIVATION_FACTOR · 2`` bytes of network
@@ -86,6 +89,7 @@ __all__ = [
 ]
 
 STARTS = ("guide", "prior")
+MAX_STEPS = 1_000_000  # the counters of annealing.Noise keep steps below this
 PILOT, ESTIMATE, REVERSE = 1, 2, 3  # the counter streams of the passes
 
 
@@ -357,7 +361,7 @@ class _Layout:
     """Where each latent site's values sit in the flat state ``(chains, N, d)``."""
 
     names: tuple[str, ...]
-    event_shapes: tuple[torch.Size, ...]
+    free_shapes: tuple[torch.Size, ...]  # each site's unconstrained event shape
     transforms: tuple[object | None, ...]
 
     @staticmethod
@@ -384,7 +388,8 @@ class _Layout:
                 )
             t = biject_to(fn.support)
             names.append(name)
-            shapes.append(site["value"].shape[2:])
+            free = site["value"] if _is_identity(t) else t.inv(site["value"])
+            shapes.append(free.shape[2:])  # a simplex of K lives in K - 1 numbers
             transforms.append(None if _is_identity(t) else t)
         if not names:
             raise SiteContractError(f"the {who} has no latent sample site")
@@ -412,7 +417,7 @@ class _Layout:
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         values, log_det, at = {}, u.new_zeros(u.shape[:-1]), 0
         for name, shape, t in zip(
-            self.names, self.event_shapes, self.transforms, strict=True
+            self.names, self.free_shapes, self.transforms, strict=True
         ):
             size = math.prod(shape)
             piece = u[..., at : at + size].reshape(*u.shape[:-1], *shape)
@@ -499,6 +504,13 @@ def ais_settings_check(
         ok = isinstance(value, int | np.integer) and not isinstance(value, bool)
         if not ok or value < 1:
             raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+        if name == "steps" and value >= MAX_STEPS:
+            raise ConfigError(f"steps must be below {MAX_STEPS:,}, got {value}")
+    if chains < 2:
+        raise ConfigError(
+            f"chains must be >= 2, got {chains}: one chain per datum gives no Monte "
+            "Carlo standard error"
+        )
     if start not in STARTS:
         raise ConfigError(f"start must be one of {STARTS}, got {start!r}")
     if start == "guide" and guide is None:

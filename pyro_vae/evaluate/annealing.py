@@ -141,13 +141,19 @@ class Noise:
     stream: int
 
     def _counter(self, t: int, kind: int) -> int:
+        """Distinct for every (stream, t < 1,000,003, kind): a 64-bit counter."""
+        if not 0 <= t < 1_000_003:
+            raise ValueError(f"step {t} is outside the counter range")
         return (self.stream * 1_000_003 + t) * 2 + kind
 
     def momentum(self, t: int, like: torch.Tensor) -> torch.Tensor:
         return counter_normal(self.keys, self._counter(t, 0), like.shape, like.dtype)
 
     def uniform(self, t: int, like: torch.Tensor) -> torch.Tensor:
-        return counter_uniform(self.keys, self._counter(t, 1), like.shape, like.dtype)
+        """float64 uniforms in (0, 1): in float32 the largest round to 1.0."""
+        return counter_uniform(
+            self.keys, self._counter(t, 1), like.shape, torch.float64
+        )
 
 
 def hmc(
@@ -165,12 +171,15 @@ def hmc(
     for step in range(leapfrog):
         new = densities(new.u + e * p)
         p = p + (e if step < leapfrog - 1 else 0.5 * e) * new.grad(beta)
-    h_old = -point.log_f(beta) + 0.5 * momentum.square().sum(-1)
-    h_new = -new.log_f(beta) + 0.5 * p.square().sum(-1)
-    log_alpha = (h_old - h_new).clamp(max=0.0)
-    finite = torch.isfinite(log_alpha) & torch.isfinite(new.u).all(-1)
-    alpha = torch.where(finite, log_alpha.exp(), torch.zeros_like(log_alpha))
-    return new.where(uniform < alpha, point), alpha
+    h_old = -point.log_f(beta).double() + 0.5 * momentum.double().square().sum(-1)
+    h_new = -new.log_f(beta).double() + 0.5 * p.double().square().sum(-1)
+    log_alpha = h_old - h_new
+    # a NaN or an infinite density at the proposal (+inf would be accepted with
+    # alpha = 1 and make the weight infinite) is rejected
+    finite = torch.isfinite(log_alpha) & torch.isfinite(h_new)
+    finite &= torch.isfinite(new.u).all(-1)
+    alpha = torch.where(finite, log_alpha.clamp(max=0.0).exp(), 0.0)
+    return new.where(uniform < alpha, point), alpha.to(point.base.dtype)
 
 
 @dataclass
@@ -209,7 +218,7 @@ def anneal(
     moves = 0
     for t in range(1, steps + 1):
         (_, b_old), (i, b_new) = path[t - 1], path[t]
-        log_w += ((b_new - b_old) * (point.target - point.base)).double()
+        log_w += (b_new - b_old) * (point.target.double() - point.base.double())
         if t == steps:
             break
         position = i / steps

@@ -14,7 +14,10 @@ draw of p(z | x). Then (Grosse, Ghahramani & Adams, 2015):
 The gap :math:`\log \hat p_{\rm rev} - \log \hat p_{\rm fwd}` bounds, in expectation,
 how far forward AIS with these settings is from log p(x) on data like these (Wu et
 al., 2017, use it for VAEs). Each datum's C reverse chains start from its one exact
-z. The standard error of the mean gap is the sd of the per-datum gaps over sqrt(n).
+z. The standard error of the mean gap (and of each mean bound) is the sd of the
+per-datum values over sqrt(n), which counts the exact z's randomness too; a row's
+per-datum ``upper_se`` is the delta-method se over chains that share one z, so it
+is conditional on that z.
 
 Both directions use the step sizes of the forward pilot pass (the same frozen
 schedule, read at the same positions along it).
@@ -41,7 +44,6 @@ from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate.ais import (
     ESTIMATE,
     PILOT,
-    REVERSE,
     _eval_mode,
     _Target,
     ais_settings_check,
@@ -51,6 +53,16 @@ from pyro_vae.evaluate.annealing import Noise, anneal, betas, pilot_step_sizes
 from pyro_vae.rng import datum_keys, forked_rng
 
 __all__ = ["BDMCResult", "BDMCRow", "bdmc", "simulate"]
+
+PILOT_STREAM = 16  # row r's pilot and reverse passes draw from streams 16 + 2r, + 1
+
+
+def _model_device(model: Callable) -> torch.device:
+    """The device of the model's first parameter or buffer; the CPU if it has none."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -102,9 +114,19 @@ class BDMCResult:
         out = True
         for a, b in zip(self.rows, self.rows[1:], strict=False):
             sa, sb = a.summary()["gap"], b.summary()["gap"]
-            tolerance = 2 * math.hypot(sa["se"] or 0.0, sb["se"] or 0.0)
+            tolerance = 2 * math.hypot(_finite(sa["se"]), _finite(sb["se"]))
             out &= sb["mean"] <= sa["mean"] + tolerance
-        return out
+        return bool(out)
+
+    def crossed(self) -> list[int]:
+        """Steps at which the upper bound lies below the lower by more than 3 se:
+        impossible in expectation, so a bug (or a wrong model density)."""
+        rows = [r.summary()["gap"] for r in self.rows]
+        return [
+            r.steps
+            for r, gap in zip(self.rows, rows, strict=True)
+            if gap["mean"] < -3 * _finite(gap["se"])
+        ]
 
     def summary(self) -> dict:
         return {
@@ -116,7 +138,12 @@ class BDMCResult:
             "data": "simulated from the model: z ~ p(z), x ~ p(x | z)",
             "rows": [row.summary() for row in self.rows],
             "gap_shrinks_with_steps": self.shrinks(),
+            "bounds_cross_at_steps": self.crossed(),
         }
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
 
 
 @torch.no_grad()
@@ -147,21 +174,25 @@ def bdmc(
     step_size: float = 0.05,
     target_accept: float = 0.65,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
 ) -> BDMCResult:
     """The BDMC gap of AIS on ``n`` data simulated from the model, for each steps.
 
     Arguments as for :func:`~pyro_vae.evaluate.ais.ais_log_marginal`; ``steps`` is a
-    list, and every entry must be at least 2 (one step has no transition to test).
+    list (run in increasing order), each at least 2 (one step has no transition to
+    test). ``device``: where the simulated data live; by default the model's.
     """
-    steps = [int(s) for s in steps]
+    steps = sorted({int(s) for s in steps})  # the gap must shrink along this order
     if not steps or min(steps) < 2:
         raise ConfigError(f"BDMC steps must each be >= 2, got {steps}")
-    if int(n) < 1:
-        raise ConfigError(f"BDMC needs n >= 1 simulated data, got {n}")
-    ais_settings_check(chains, leapfrog, start, guide, target_accept)
+    if int(n) < 2:
+        raise ConfigError(f"BDMC needs n >= 2 simulated data for a se, got {n}")
+    if pilot_steps is not None and pilot_steps < 1:
+        raise ConfigError(f"pilot_steps must be >= 1, got {pilot_steps}")
+    for s in steps:
+        ais_settings_check(chains, leapfrog, start, guide, target_accept, s)
     betas(1, schedule)
-    device = torch.device(device)
+    device = _model_device(model) if device is None else torch.device(device)
     target = _Target(model, guide, start)
     probe, _ = simulate(model, 2, [], seed, device)
     target.validate(probe)
@@ -172,7 +203,7 @@ def bdmc(
     with _eval_mode(model, guide), pyro.validation_enabled(False):
         densities = target.densities(x, chains)
         exact = target.layout.flatten_values(z, n).expand(chains, -1, -1)
-        for s in steps:
+        for row, s in enumerate(steps):
             begin = time.perf_counter()
             pilot = min(s, 200) if pilot_steps is None else pilot_steps
             sizes = pilot_step_sizes(
@@ -180,7 +211,7 @@ def bdmc(
                 target.initial(x, chains, seed, index, stream=PILOT),
                 betas(pilot, schedule),
                 leapfrog,
-                Noise(keys, PILOT + 10 * s),
+                Noise(keys, PILOT_STREAM + 2 * row),
                 initial=step_size,
                 target_accept=target_accept,
                 bins=max(1, min(50, pilot // 4)),
@@ -194,7 +225,7 @@ def bdmc(
                 beta,
                 sizes,
                 leapfrog,
-                Noise(keys, REVERSE + 10 * s),
+                Noise(keys, PILOT_STREAM + 2 * row + 1),
                 reverse=True,
             )
             lower, lower_se = log_mean_exp_se(fwd.log_weights.cpu())
