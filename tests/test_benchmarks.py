@@ -155,3 +155,80 @@ def test_bench_ais_time_budget_skips_rows_it_cannot_afford():
     budget.spent("ais", 100, 7.0)
     assert budget.skip("bdmc", 1) == "the time budget is spent"
     assert _load("bench_ais").Budget(None).skip("ais", 1e12) is None
+
+
+def _bench_mnist_argv(tmp_path, stages):
+    argv = ["--rows", "vae", "iwae5", "--dataset", "digits", "--stages", str(stages)]
+    argv += ["--max-epochs-per-stage", "2", "--eval-k", "10", "--eval-n", "20"]
+    argv += ["--out", str(tmp_path / "runs"), "--json", str(tmp_path / "b.json")]
+    return [*argv, "--device", "cpu"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_bench_mnist_trains_stage_by_stage_and_resumes(tmp_path, monkeypatch):
+    bench = _load("bench_mnist")
+    trained, stop_at = [], {}
+    original = bench.PyroVAERow.train_epochs
+
+    def counted(self, first, last, lr, on_epoch):
+        name = "iwae5" if self.objective is not None else "vae"
+
+        def hook(stats):
+            on_epoch(stats)
+            trained.append((name, stats["epoch"]))
+            if stop_at.get(name) == stats["epoch"]:
+                raise _Stop  # a kill after this epoch's partial.pt was written
+
+        original(self, first, last, lr, hook)
+
+    monkeypatch.setattr(bench.PyroVAERow, "train_epochs", counted)
+    assert _float32(lambda: bench.main(_bench_mnist_argv(tmp_path, 0))) == 0
+    assert trained == [("vae", 1), ("iwae5", 1)]
+    # Stage 1 is epochs 2-3 under the cap of 2; the vae row stops after epoch 2.
+    trained.clear()
+    stop_at["vae"] = 2
+    with pytest.raises(_Stop):
+        _float32(lambda: bench.main(_bench_mnist_argv(tmp_path, 1)))
+    assert (tmp_path / "runs" / "vae" / "partial.pt").is_file()
+    trained.clear()
+    stop_at.clear()
+    assert _float32(lambda: bench.main(_bench_mnist_argv(tmp_path, 1))) == 0
+    assert trained == [("vae", 3), ("iwae5", 2), ("iwae5", 3)]
+    assert not (tmp_path / "runs" / "vae" / "partial.pt").exists()
+    # The same command again trains nothing; --ais cross-checks the last stage.
+    trained.clear()
+    argv = _bench_mnist_argv(tmp_path, 1) + ["--ais", "3", "--ais-steps", "3"]
+    argv += ["--ais-chains", "2", "--ais-leapfrog", "2"]
+    assert _float32(lambda: bench.main(argv)) == 0
+    assert trained == []
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert list(saved["rows"]) == ["vae", "iwae5"]
+    for name, row in saved["rows"].items():
+        assert [e["stage"] for e in row["curve"]] == [0, 1]
+        assert [e["epochs"] for e in row["curve"]] == [1, 3]
+        for entry in row["curve"]:
+            test = entry["test"]
+            assert (test["k"], test["n"]) == (10, 20)
+            assert entry["seconds_per_epoch"] > 0 and math.isfinite(entry["lr"])
+            assert 0 < test["nll"] < 100 and 0 < test["se"] < 5, (name, test)
+            assert test["elbo"] <= -test["nll"] + 5 * test["se"]
+        assert row["published"] > 80 and row["ais"]["stage"] == 1
+        assert math.isfinite(row["ais"]["nll"]) and row["ais"]["n"] == 3
+    assert [e["lr"] for e in saved["rows"]["vae"]["curve"]] == [
+        1e-3,
+        pytest.approx(1e-3 * 10 ** (-1 / 7)),
+    ]
+    assert "| vae | 0–1 | 3 |" in saved["table"] and "stage 1" in saved["table"]
+
+
+def test_bench_mnist_skips_pythae_rows_it_cannot_install(tmp_path, monkeypatch):
+    bench = _load("bench_mnist")
+    monkeypatch.setattr(bench, "ensure_pythae", lambda install: "no package index")
+    argv = _bench_mnist_argv(tmp_path, 0)
+    argv[1:3] = ["pythae-vae"]
+    assert _float32(lambda: bench.main(argv)) == 0
+    row = json.loads((tmp_path / "b.json").read_text())["rows"]["pythae-vae"]
+    assert row == {"row": "pythae-vae", "skipped": "no package index"}

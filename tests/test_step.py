@@ -226,3 +226,10 @@ def test_a_model_that_cannot_be_traced_trains_eagerly_with_a_warning():
     assert not step.jit and torch.isfinite(first) and torch.isfinite(second)
     expected = -dist.Normal(0.0, 1.0).log_prob(x).sum()
     assert second.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_make_optimizer_sets_adams_eps():
+    """Burda et al. (2016) train with Adam's ε = 1e-4 (benchmarks/bench_mnist.py)."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    assert make_optimizer([param], 1e-3).param_groups[0]["eps"] == 1e-8
+    assert make_optimizer([param], 1e-3, eps=1e-4).param_groups[0]["eps"] == 1e-4
