@@ -62,10 +62,9 @@ import math
 from collections.abc import Callable
 
 import torch
-from pyro.infer import ELBO
-from pyro.infer.util import torch_item
 
 from pyro_vae.losses.particles import (
+    ParticleELBO,
     log_p_at_detached_z,
     particle_traces,
     path_log_q,
@@ -77,7 +76,7 @@ __all__ = ["IWAE_ESTIMATORS", "Trace_IWAE"]
 IWAE_ESTIMATORS = ("reparam", "dreg")
 
 
-class Trace_IWAE(ELBO):  # noqa: N801 - Pyro's naming of losses
+class Trace_IWAE(ParticleELBO):  # noqa: N801 - Pyro's naming of losses
     """The IWAE_K bound per datum (module docstring) as a :class:`pyro.infer.ELBO`.
 
     Args:
@@ -95,35 +94,8 @@ class Trace_IWAE(ELBO):  # noqa: N801 - Pyro's naming of losses
                 f"Trace_IWAE's grad_estimator must be one of {IWAE_ESTIMATORS}, got "
                 f"{grad_estimator!r}"
             )
-        if not (isinstance(num_particles, int) and num_particles >= 1):
-            raise ValueError(
-                f"Trace_IWAE needs num_particles >= 1, got {num_particles!r}"
-            )
-        super().__init__(num_particles=num_particles, max_plate_nesting=1)
+        super().__init__(num_particles)
         self.grad_estimator = grad_estimator
-
-    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001, ANN202
-        """Pyro's hook for one trace pair; unused, as all K particles are drawn at
-        once (:func:`~pyro_vae.losses.particles.particle_traces`)."""
-        raise NotImplementedError(
-            "Trace_IWAE draws its particles in one vectorized trace"
-        )
-
-    def loss(
-        self, model: Callable, guide: Callable, *args: object, **kwargs: object
-    ) -> float:
-        """-Σ_n L_K(x_n), a float."""
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(
-        self, model: Callable, guide: Callable, *args: object, **kwargs: object
-    ) -> float:
-        """The loss, with the estimator's gradients accumulated (for ``SVI``)."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
 
     def differentiable_loss(
         self, model: Callable, guide: Callable, *args: object, **kwargs: object

@@ -32,12 +32,15 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
+from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.errors import PyroVAEError
 
 __all__ = [
+    "ParticleELBO",
     "ParticleTraces",
     "SiteContractError",
     "log_p_at_detached_z",
@@ -51,6 +54,48 @@ PARTICLE_DIM = -2
 
 class SiteContractError(PyroVAEError):
     """A model or guide whose sites break the per-datum contract of a loss."""
+
+
+class ParticleELBO(ELBO):
+    """A Pyro ELBO whose K particles are drawn in one vectorized trace
+    (:func:`particle_traces`): a subclass writes :meth:`differentiable_loss` only;
+    ``loss`` and ``loss_and_grads`` (for ``SVI``) follow from it.
+    """
+
+    def __init__(self, num_particles: int = 1) -> None:
+        if not (isinstance(num_particles, int) and num_particles >= 1):
+            raise ValueError(
+                f"{type(self).__name__} needs num_particles >= 1, got {num_particles!r}"
+            )
+        super().__init__(num_particles=num_particles, max_plate_nesting=1)
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001, ANN202
+        """Pyro's hook for one trace pair; unused, as all K particles are drawn at
+        once (:func:`particle_traces`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} draws its particles in one vectorized trace"
+        )
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args: object, **kwargs: object
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(
+        self, model: Callable, guide: Callable, *args: object, **kwargs: object
+    ) -> float:
+        """The loss, a float."""
+        with torch.no_grad():
+            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(
+        self, model: Callable, guide: Callable, *args: object, **kwargs: object
+    ) -> float:
+        """The loss, with the estimator's gradients accumulated (for ``SVI``)."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        return torch_item(loss)
 
 
 @dataclass(frozen=True)

@@ -33,15 +33,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from pyro.infer import ELBO
-from pyro.infer.util import torch_item
 
-from pyro_vae.losses.particles import particle_traces, path_log_q
+from pyro_vae.losses.particles import ParticleELBO, particle_traces, path_log_q
 
 __all__ = ["TraceSTL_ELBO"]
 
 
-class TraceSTL_ELBO(ELBO):  # noqa: N801 - Pyro's naming of losses
+class TraceSTL_ELBO(ParticleELBO):  # noqa: N801 - Pyro's naming of losses
     """The ELBO with path-derivative (STL) guide gradients (module docstring).
 
     Args:
@@ -53,34 +51,7 @@ class TraceSTL_ELBO(ELBO):  # noqa: N801 - Pyro's naming of losses
     """
 
     def __init__(self, num_particles: int = 1) -> None:
-        if not (isinstance(num_particles, int) and num_particles >= 1):
-            raise ValueError(
-                f"TraceSTL_ELBO needs num_particles >= 1, got {num_particles!r}"
-            )
-        super().__init__(num_particles=num_particles, max_plate_nesting=1)
-
-    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001, ANN202
-        """Pyro's hook for one trace pair; unused, as all K particles are drawn at
-        once (:func:`~pyro_vae.losses.particles.particle_traces`)."""
-        raise NotImplementedError(
-            "TraceSTL_ELBO draws its particles in one vectorized trace"
-        )
-
-    def loss(
-        self, model: Callable, guide: Callable, *args: object, **kwargs: object
-    ) -> float:
-        """-ELBO summed over the batch, a float."""
-        with torch.no_grad():
-            return torch_item(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(
-        self, model: Callable, guide: Callable, *args: object, **kwargs: object
-    ) -> float:
-        """The loss, with the STL gradients accumulated (for ``SVI``)."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return torch_item(loss)
+        super().__init__(num_particles)
 
     def differentiable_loss(
         self, model: Callable, guide: Callable, *args: object, **kwargs: object
