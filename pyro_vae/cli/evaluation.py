@@ -27,7 +27,6 @@ import json
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyro
@@ -36,29 +35,26 @@ from pyro import poutine
 
 from pyro_vae.cli import plots, plots_ais
 from pyro_vae.cli.evaluation_ais import (
-    METHODS,
     AISOptions,
+    Estimates,
     ais_lines,
     ais_section,
     ais_warnings,
     compare,
     json_safe,
-    run_ais,
     run_bdmc,
 )
-from pyro_vae.errors import ConfigError
-from pyro_vae.evaluate.ais import AISResult
+from pyro_vae.cli.evaluation_sharded import estimate_sharded
 from pyro_vae.evaluate.bdmc import BDMCResult
 from pyro_vae.evaluate.check import check_against_pyro, check_consistency
 from pyro_vae.evaluate.latents import latent_diagnostics
-from pyro_vae.evaluate.marginal import LogMarginal, log_marginal
+from pyro_vae.evaluate.marginal import LogMarginal
 from pyro_vae.files import atomic_path, atomic_write_text
 from pyro_vae.rng import forked_rng
 
 __all__ = [
     "POSTERIOR_DRAWS",
     "Estimates",
-    "estimate",
     "evaluate_split",
     "format_summary",
     "latents_line",
@@ -69,45 +65,6 @@ __all__ = [
 POSTERIOR_DRAWS = 8
 #: the figures of an evaluation, each drawn only by some methods
 FIGURES = ("iwae_vs_k", "khat", "is_vs_ais", "bdmc")
-
-
-@dataclass(frozen=True)
-class Estimates:
-    """Per-datum estimates of one tensor of data: IS, AIS, or both."""
-
-    importance: LogMarginal | None
-    ais: AISResult | None
-
-
-def estimate(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    *,
-    method: str,
-    k: int,
-    seed: int,
-    options: AISOptions = AISOptions(),  # noqa: B008 - frozen, never mutated
-    index_offset: int = 0,
-) -> Estimates:
-    """log p̂(x) per datum of ``x`` by ``method``: ``"is"``, ``"ais"`` or ``"both"``.
-
-    ``x`` may be a shard of a larger set whose first datum has the global index
-    ``index_offset``: each datum then gets the draws it gets in the whole set (for
-    IS, when ``index_offset`` is a multiple of ``log_marginal``'s data chunk). AIS
-    runs first: a model it cannot take (a discrete latent) is refused before the
-    long importance sampling.
-    """
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    ais = importance = None
-    if method != "is":
-        ais = run_ais(model, guide, x, options, seed=seed, index_offset=index_offset)
-    if method != "ais":
-        importance = log_marginal(
-            model, guide, x, k, seed=seed, index_offset=index_offset
-        )
-    return Estimates(importance, ais)
 
 
 def evaluate_split(
@@ -124,8 +81,9 @@ def evaluate_split(
     options: AISOptions = AISOptions(),  # noqa: B008 - frozen, never mutated
 ) -> dict:
     """Estimate log p(x) on ``x``, check it, write the files; return the summary."""
-    estimates = estimate(
-        model, guide, x, method=method, k=k, seed=seed, options=options
+    # one process, through the same path as python -m pyro_vae.evaluate
+    estimates = estimate_sharded(
+        None, model, guide, x, method=method, k=k, seed=seed, options=options
     )
     sandwich = run_bdmc(model, guide, options, seed=seed, device=x.device)
     return write_evaluation(

@@ -30,6 +30,7 @@ from pyro_vae.evaluate.marginal import LogMarginal
 from pyro_vae.evaluate.psis import KHAT_UNRELIABLE
 
 __all__ = [
+    "Estimates",
     "METHODS",
     "SE_LIMIT",
     "AISOptions",
@@ -57,6 +58,14 @@ class AISOptions:
     leapfrog: int = 10
     bdmc: int = 0
     bdmc_steps: tuple[int, ...] = (100, 1000)
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """Per-datum estimates of one tensor of data: IS, AIS, or both."""
+
+    importance: LogMarginal | None
+    ais: AISResult | None
 
 
 def run_ais(

@@ -25,8 +25,7 @@ from typing import TypeVar
 
 import torch
 
-from pyro_vae.cli.evaluation import Estimates
-from pyro_vae.cli.evaluation_ais import METHODS, AISOptions, run_ais
+from pyro_vae.cli.evaluation_ais import METHODS, AISOptions, Estimates, run_ais
 from pyro_vae.cli.sharding import sharded
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate.ais import AISResult
@@ -83,7 +82,7 @@ def estimate_sharded(
     if data_chunk < 1:
         raise ConfigError(f"data_chunk must be >= 1, got {data_chunk}")
     ais = importance = None
-    if method != "is":  # first, as estimate(): a discrete latent is refused early
+    if method != "is":  # first: a discrete latent is refused before the long IS
 
         def ais_shard(lo: int, hi: int) -> AISResult:
             return run_ais(model, guide, x[lo:hi], options, seed=seed, index_offset=lo)
